@@ -1,0 +1,264 @@
+"""grain input pipelines: (image, caption) pairs for training, images with all references for evaluation.
+
+Sources are injected: production passes `tfds.data_source(...)` splits (array_record, random access),
+tests may pass a plain list of records. A record is `{'image': encoded bytes, 'image_id': str|bytes,
+'captions': sequence of str|bytes}`.
+
+Training chain (deterministic given seed; each epoch reshuffled by grain):
+  range(num_images * captions_per_image)          # pair index -> (image, caption k)
+  -> [process_index::process_count]                # per-host slice
+  -> shuffle(seed) -> repeat() -> map(lookup) -> random_map(decode + augment + tokenize)
+  -> batch(host_batch, drop_remainder) -> to_iter_dataset() [-> mp_prefetch(workers)]
+Images leave the host as uint8; normalisation happens on the device.
+"""
+
+from collections.abc import Iterator, Sequence
+import dataclasses
+import io
+import math
+from typing import Any
+
+import grain
+import numpy as np
+from PIL import Image
+
+from capjax import vocab as vocab_lib
+
+_SWAP_ON_FLIP = {'left': 'right', 'right': 'left'}
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+  """The seed's per-epoch augmentations; each off when its strength is 0."""
+  crop_scale: tuple[float, float] = (0.8, 1.0)  # area fraction of the random resized crop
+  crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+  flip_prob: float = 0.5
+  brightness: float = 0.2  # factor drawn from [1 - b, 1 + b]
+  contrast: float = 0.2
+  rotation_degrees: float = 5.0
+
+  @classmethod
+  def from_config(cls, cfg) -> 'AugmentConfig':
+    if not cfg.enabled:
+      return cls(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_prob=0.0, brightness=0.0,
+                 contrast=0.0, rotation_degrees=0.0)
+    return cls(tuple(cfg.crop_scale), tuple(cfg.crop_ratio), cfg.flip_prob, cfg.brightness,
+               cfg.contrast, cfg.rotation_degrees)
+
+
+def as_bytes(value: Any) -> bytes:
+  if isinstance(value, np.ndarray):
+    value = value.item()
+  return value.encode('utf-8') if isinstance(value, str) else bytes(value)
+
+
+def as_text(value: Any) -> str:
+  if isinstance(value, np.ndarray):
+    value = value.item()
+  return value.decode('utf-8') if isinstance(value, bytes) else str(value)
+
+
+def record_captions(record: dict) -> list[str]:
+  return [as_text(c) for c in record['captions']]
+
+
+def decode_image(encoded: bytes, min_side: int) -> Image.Image:
+  """Decodes to RGB; JPEG `draft` decodes at a reduced scale when the target is much smaller."""
+  image = Image.open(io.BytesIO(encoded))
+  image.draft('RGB', (min_side, min_side))  # no-op for non-JPEG; keeps >= min_side per side
+  return image.convert('RGB')
+
+
+def swap_left_right(caption: str) -> str:
+  """Mirror the words of a caption whose image was flipped horizontally."""
+  words = caption.split(' ')
+  return ' '.join(_SWAP_ON_FLIP.get(w.lower(), w) for w in words)
+
+
+def _random_crop_box(rng: np.random.Generator, width: int, height: int,
+                     scale: tuple[float, float], ratio: tuple[float, float]):
+  """Inception-style random resized crop box (left, top, right, bottom)."""
+  area = width * height
+  for _ in range(10):
+    target_area = area * rng.uniform(*scale)
+    aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+    w = int(round(math.sqrt(target_area * aspect)))
+    h = int(round(math.sqrt(target_area / aspect)))
+    if 0 < w <= width and 0 < h <= height:
+      left = int(rng.integers(0, width - w + 1))
+      top = int(rng.integers(0, height - h + 1))
+      return (left, top, left + w, top + h)
+  return (0, 0, width, height)
+
+
+def augment_image(image: Image.Image, rng: np.random.Generator, size: int,
+                  cfg: AugmentConfig) -> tuple[np.ndarray, bool]:
+  """Random rotation, resized crop, flip, brightness/contrast -> uint8 (size, size, 3), flipped?"""
+  if cfg.rotation_degrees:
+    image = image.rotate(rng.uniform(-cfg.rotation_degrees, cfg.rotation_degrees),
+                         resample=Image.BILINEAR)
+  box = _random_crop_box(rng, image.width, image.height, cfg.crop_scale, cfg.crop_ratio)
+  image = image.resize((size, size), Image.BILINEAR, box=box)
+  flipped = bool(rng.random() < cfg.flip_prob)
+  if flipped:
+    image = image.transpose(Image.FLIP_LEFT_RIGHT)
+  pixels = np.asarray(image, np.float32)
+  if cfg.brightness:
+    pixels = pixels * rng.uniform(1 - cfg.brightness, 1 + cfg.brightness)
+  if cfg.contrast:
+    mean = pixels.mean()
+    pixels = (pixels - mean) * rng.uniform(1 - cfg.contrast, 1 + cfg.contrast) + mean
+  return np.clip(pixels + 0.5, 0, 255).astype(np.uint8), flipped
+
+
+def resize_image(image: Image.Image, size: int) -> np.ndarray:
+  return np.asarray(image.resize((size, size), Image.BILINEAR), np.uint8)
+
+
+class LookupPair(grain.transforms.Map):
+  """Pair index -> (record, caption index); caption k of an image with n captions is k mod n.
+  With `random_caption`, the index is an image index and the caption index -1 means 'draw one'."""
+
+  def __init__(self, source, captions_per_image: int, random_caption: bool = False):
+    self._source = source
+    self._k = 1 if random_caption else captions_per_image
+    self._random = random_caption
+
+  def map(self, index):
+    image_index, caption_index = divmod(int(index), self._k)
+    return self._source[image_index], (-1 if self._random else caption_index)
+
+
+class TrainExample(grain.transforms.RandomMap):
+  """(record, caption k) -> {'image': uint8 (S, S, 3), 'tokens': int32 (L,)} with augmentation.
+  caption k < 0 picks one caption at random (the 'one random caption per image' mode)."""
+
+  def __init__(self, vocab: vocab_lib.Vocabulary, image_size: int, max_caption_len: int,
+               augment: AugmentConfig):
+    self._vocab, self._size, self._max_len, self._augment = vocab, image_size, max_caption_len, augment
+
+  def random_map(self, element, rng: np.random.Generator):
+    record, caption_index = element
+    captions = record_captions(record)
+    if caption_index < 0:
+      caption_index = int(rng.integers(len(captions)))
+    caption = captions[caption_index % len(captions)]
+    image = decode_image(as_bytes(record['image']), self._size)
+    pixels, flipped = augment_image(image, rng, self._size, self._augment)
+    if flipped:
+      caption = swap_left_right(caption)
+    return {'image': pixels, 'tokens': self._vocab.encode(caption, self._max_len)}
+
+
+class EvalExample(grain.transforms.Map):
+  """(record, caption k) -> resized image, tokens of caption k; no augmentation."""
+
+  def __init__(self, vocab: vocab_lib.Vocabulary, image_size: int, max_caption_len: int):
+    self._vocab, self._size, self._max_len = vocab, image_size, max_caption_len
+
+  def map(self, element):
+    record, caption_index = element
+    captions = record_captions(record)
+    image = decode_image(as_bytes(record['image']), self._size)
+    return {'image': resize_image(image, self._size),
+            'tokens': self._vocab.encode(captions[caption_index % len(captions)], self._max_len)}
+
+
+class ImageForCaptioning(grain.transforms.Map):
+  """(index, record) -> resized image with its index, id and every reference (for metrics and caption output)."""
+
+  def __init__(self, image_size: int):
+    self._size = image_size
+
+  def map(self, element):
+    index, record = element
+    image = decode_image(as_bytes(record['image']), self._size)
+    return {'image': resize_image(image, self._size), 'index': np.int32(index),
+            'image_id': as_text(record['image_id']), 'references': record_captions(record)}
+
+
+def make_train_iterator(source, vocab, *, image_size: int, max_caption_len: int, host_batch_size: int,
+                        captions_per_image: int, augment: AugmentConfig, seed: int,
+                        process_index: int = 0, process_count: int = 1, num_workers: int = 0,
+                        random_caption: bool = False):
+  """An endless, checkpointable iterator of host batches; see the module docstring for the chain."""
+  pairs = grain.MapDataset.range(num_train_pairs(len(source), captions_per_image, random_caption))
+  ds = pairs[process_index::process_count].shuffle(seed=seed).repeat()
+  ds = ds.map(LookupPair(source, captions_per_image, random_caption))
+  ds = ds.random_map(TrainExample(vocab, image_size, max_caption_len, augment), seed=seed)
+  ds = ds.batch(host_batch_size, drop_remainder=True).to_iter_dataset()
+  if num_workers > 0:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  return iter(ds)
+
+
+def num_train_pairs(num_images: int, captions_per_image: int, random_caption: bool) -> int:
+  return num_images if random_caption else num_images * captions_per_image
+
+
+def pad_batch(examples: Sequence[dict], batch_size: int) -> dict[str, np.ndarray]:
+  """Stacks numeric fields, pads to `batch_size` by repeating the last example, and adds 'weight'
+  (1 real, 0 padding) so every eval batch has one static shape."""
+  n = len(examples)
+  padded = list(examples) + [examples[-1]] * (batch_size - n)
+  batch = {k: np.stack([e[k] for e in padded]) for k in ('image', 'tokens', 'index')
+           if k in examples[0]}
+  batch['weight'] = (np.arange(batch_size) < n).astype(np.float32)
+  if 'index' in batch:
+    batch['index'][n:] = -1
+  return batch
+
+
+def _chunks(iterable, size: int) -> Iterator[list]:
+  chunk = []
+  for item in iterable:
+    chunk.append(item)
+    if len(chunk) == size:
+      yield chunk
+      chunk = []
+  if chunk:
+    yield chunk
+
+
+def eval_pair_batches(source, vocab, *, image_size: int, max_caption_len: int, host_batch_size: int,
+                      captions_per_image: int, process_index: int = 0,
+                      process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+  """Every (image, caption k) pair of the split once, in order, padded batches with 'weight'.
+  Every host yields the same number of batches (padding with weight 0) so collectives line up."""
+  total = len(source) * captions_per_image
+  num_batches = math.ceil(math.ceil(total / process_count) / host_batch_size)
+  ds = grain.MapDataset.range(total)[process_index::process_count]
+  ds = ds.map(LookupPair(source, captions_per_image))
+  ds = ds.map(EvalExample(vocab, image_size, max_caption_len))
+  last = None
+  for chunk in _chunks(ds.to_iter_dataset(), host_batch_size):
+    last = pad_batch(chunk, host_batch_size)
+    yield last
+    num_batches -= 1
+  for _ in range(num_batches):  # this host ran out of pairs before the others: weight-0 batches
+    last = dict(last if last is not None else pad_batch([EvalExample(
+        vocab, image_size, max_caption_len).map((source[0], 0))], host_batch_size))
+    last['weight'] = np.zeros_like(last['weight'])
+    yield last
+
+
+def caption_batches(source, *, image_size: int, host_batch_size: int, process_index: int = 0,
+                    process_count: int = 1) -> Iterator[dict[str, Any]]:
+  """One example per image: {'image' (B,S,S,3) uint8, 'index' (-1 = padding), 'weight',
+  'image_id': list, 'references': list}. Every host yields the same number of batches."""
+  ds = grain.MapDataset.range(len(source))[process_index::process_count]
+  ds = ds.map(lambda i: (int(i), source[int(i)])).map(ImageForCaptioning(image_size))
+  num_batches = math.ceil(math.ceil(len(source) / process_count) / host_batch_size)
+  chunk = None
+  for chunk in _chunks(ds.to_iter_dataset(), host_batch_size):
+    batch = pad_batch(chunk, host_batch_size)
+    batch['image_id'] = [e['image_id'] for e in chunk]
+    batch['references'] = [e['references'] for e in chunk]
+    num_batches -= 1
+    yield batch
+  for _ in range(num_batches):  # this host ran out of images before the others
+    batch = pad_batch(chunk or [ImageForCaptioning(image_size).map((0, source[0]))], host_batch_size)
+    batch['weight'][:] = 0
+    batch['index'][:] = -1
+    batch['image_id'], batch['references'] = [], []
+    yield batch

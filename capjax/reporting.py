@@ -1,0 +1,97 @@
+"""What a run tells its user: progress lines with ETA, epoch summaries, TensorBoard, loss curves."""
+
+import os
+import time
+
+from absl import logging
+import jax
+import numpy as np
+
+
+def say(message: str) -> None:
+  """One line for the person watching (process 0 only)."""
+  if jax.process_index() == 0:
+    print(message, flush=True)
+  logging.info(message)
+
+
+def _format_seconds(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  hours, rest = divmod(seconds, 3600)
+  return f'{hours}h{rest // 60:02d}m' if hours else f'{rest // 60}m{rest % 60:02d}s'
+
+
+class Progress:
+  """Periodic progress line: loss, steps/s, images/s and ETA; throughput excludes the first
+  (compiling) interval so the numbers describe the steady state."""
+
+  def __init__(self, total_steps: int, start_step: int, global_batch_size: int):
+    self.total_steps, self.batch = total_steps, global_batch_size
+    self._last_step, self._last_time = start_step, time.perf_counter()
+    self._steady_rate = None
+
+  def restart_clock(self, step: int) -> None:
+    """Excludes evaluation pauses from the training throughput."""
+    self._last_step, self._last_time = step, time.perf_counter()
+
+  def update(self, step: int, fetched_metrics: list[dict], learning_rate, writer) -> None:
+    now = time.perf_counter()
+    rate = (step - self._last_step) / max(now - self._last_time, 1e-9)
+    first_interval = self._steady_rate is None
+    self._steady_rate = rate
+    self._last_step, self._last_time = step, now
+    loss = float(np.mean([float(m['loss']) for m in fetched_metrics]))
+    grad_norm = float(np.mean([float(m['grad_norm']) for m in fetched_metrics]))
+    eta = (self.total_steps - step) / max(rate, 1e-9)
+    note = ' (incl. compile)' if first_interval else ''
+    say(f'step {step}/{self.total_steps}  loss {loss:.4f}  |  {rate:.2f} steps/s  '
+        f'{rate * self.batch:.1f} img/s{note}  |  ETA {_format_seconds(eta)}')
+    if writer is not None:
+      writer.add_scalar('train/loss', loss, step)
+      writer.add_scalar('train/grad_norm', grad_norm, step)
+      writer.add_scalar('train/learning_rate', float(learning_rate), step)
+      writer.add_scalar('train/steps_per_second', rate, step)
+      writer.add_scalar('train/images_per_second', rate * self.batch, step)
+
+
+def log_epoch(record: dict, writer) -> None:
+  extras = '  '.join(f'{k} {v:.4f}' for k, v in record.items()
+                     if k not in ('epoch', 'step', 'train_loss', 'val_loss'))
+  say(f"epoch {record['epoch']} (step {record['step']}): train loss {record['train_loss']:.4f}  "
+      f"val loss {record['val_loss']:.4f}  {extras}".rstrip())
+  if writer is not None:
+    for key, value in record.items():
+      if key not in ('epoch', 'step'):
+        writer.add_scalar(f'epoch/{key}', value, record['step'])
+    writer.flush()
+
+
+def make_writer(workdir: str):
+  if jax.process_index() != 0:
+    return None
+  from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  return SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+
+def close_writer(writer) -> None:
+  if writer is not None:
+    writer.close()
+
+
+def plot_loss_curves(history: list[dict], path: str) -> None:
+  """Train vs validation loss per epoch, like the seed's figure."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  epochs = [h['epoch'] for h in history]
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  ax.plot(epochs, [h['train_loss'] for h in history], marker='o', label='train')
+  ax.plot(epochs, [h['val_loss'] for h in history], marker='o', label='validation')
+  ax.set_xlabel('epoch')
+  ax.set_ylabel('cross-entropy per token')
+  ax.set_title('Training vs validation loss')
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

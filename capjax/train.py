@@ -1,0 +1,322 @@
+"""Pure train/eval steps, state creation, and the sharded, resumable training loop."""
+
+from collections.abc import Callable, Mapping
+import functools
+import json
+import os
+import time
+from typing import Any
+
+from absl import logging
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from capjax import checkpointing
+from capjax import input_pipeline
+from capjax import mesh as mesh_lib
+from capjax import reporting
+from capjax import vocab as vocab_lib
+from capjax import workdir as workdir_lib
+from capjax.models import captioner
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array  # raw uint32 key data: saved and restored like any array
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimiser
+# ----------------------------------------------------------------------------------------------
+
+
+def make_schedule(train_cfg, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
+  warmup = int(train_cfg.warmup_epochs * steps_per_epoch)
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=train_cfg.learning_rate, warmup_steps=warmup,
+      decay_steps=max(total_steps, warmup + 1),
+      end_value=train_cfg.learning_rate * train_cfg.end_learning_rate_factor)
+
+
+def _decay_mask(params):
+  """Weight decay on matrices and kernels only, not on biases or BatchNorm scales."""
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def _frozen_trunk_labels(params):
+  return flax.traverse_util.path_aware_map(
+      lambda path, _: 'frozen' if 'trunk' in path else 'trained', params)
+
+
+def make_optimizer(train_cfg, schedule: optax.Schedule, encoder_mode: str) -> optax.GradientTransformation:
+  """Global-norm clipping + AdamW with warmup/cosine; a frozen trunk gets no updates at all
+  (not even weight decay)."""
+  tx = optax.chain(
+      optax.clip_by_global_norm(train_cfg.grad_clip_norm),
+      optax.adamw(schedule, weight_decay=train_cfg.weight_decay, mask=_decay_mask))
+  if encoder_mode == 'frozen':
+    tx = optax.multi_transform({'trained': tx, 'frozen': optax.set_to_zero()}, _frozen_trunk_labels)
+  return tx
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure steps
+# ----------------------------------------------------------------------------------------------
+
+
+def token_cross_entropy(logits, tokens, example_weight=None):
+  """Sum of next-token cross-entropies over real (non-<PAD>) targets, and how many there were.
+  `logits[:, t]` predicts `tokens[:, t + 1]` (see models/captioner.py)."""
+  targets = tokens[:, 1:]
+  mask = (targets != vocab_lib.PAD_ID).astype(jnp.float32)
+  if example_weight is not None:
+    mask = mask * example_weight[:, None]
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+  return jnp.sum(losses * mask), jnp.sum(mask)
+
+
+def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.Module,
+               tx: optax.GradientTransformation) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimiser step on a (globally sharded) batch; BatchNorm statistics are over the global batch."""
+  step_rng = jax.random.fold_in(state.rng, state.step)
+
+  def loss_fn(params):
+    logits, updates = model.apply(
+        {'params': params, 'batch_stats': state.batch_stats}, batch['image'], batch['tokens'][:, :-1],
+        train=True, mutable=['batch_stats'], rngs={'dropout': step_rng})
+    loss_sum, count = token_cross_entropy(logits, batch['tokens'])
+    return loss_sum / jnp.maximum(count, 1.0), (updates['batch_stats'], count)
+
+  (loss, (batch_stats, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                            batch_stats=batch_stats, opt_state=opt_state)
+  return new_state, {'loss': loss, 'tokens': count, 'grad_norm': optax.global_norm(grads)}
+
+
+def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.Module) -> dict:
+  """Summed loss and token count; examples with weight 0 (batch padding) do not count."""
+  logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats}, batch['image'],
+                       batch['tokens'][:, :-1], train=False)
+  loss_sum, count = token_cross_entropy(logits, batch['tokens'], batch['weight'])
+  return {'loss_sum': loss_sum, 'tokens': count}
+
+
+# ----------------------------------------------------------------------------------------------
+# State creation and compiled steps
+# ----------------------------------------------------------------------------------------------
+
+
+def init_variables(model: nn.Module, rng, image_size: int, max_caption_len: int):
+  images = jnp.zeros((1, image_size, image_size, 3), jnp.uint8)
+  tokens = jnp.zeros((1, max_caption_len - 1), jnp.int32)
+  return model.init({'params': rng}, images, tokens, train=False)
+
+
+def _state_initializer(model: nn.Module, tx: optax.GradientTransformation, image_size: int,
+                       max_caption_len: int) -> Callable[[jax.Array], TrainState]:
+  def init(rng):
+    init_rng, state_rng = jax.random.split(rng)
+    variables = init_variables(model, init_rng, image_size, max_caption_len)
+    params = variables['params']
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
+                      rng=state_rng)
+  return init
+
+
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation, seed: int, image_size: int,
+                       max_caption_len: int, mesh) -> TrainState:
+  """Initialises straight into the replicated sharding (one compiled init, no host round trip)."""
+  init = _state_initializer(model, tx, image_size, max_caption_len)
+  return jax.jit(init, out_shardings=mesh_lib.replicated(mesh))(jax.random.PRNGKey(seed))
+
+
+def abstract_train_state(config, model: nn.Module, mesh) -> TrainState:
+  """Shapes, dtypes and (replicated) shardings of the train state a config trains: the restore
+  target for evaluation, whatever the device count the checkpoint was written with."""
+  tx = make_optimizer(config.train, lambda step: 0.0, config.model.encoder_mode)
+  init = _state_initializer(model, tx, config.data.image_size, config.data.max_caption_len)
+  shapes = jax.eval_shape(init, jax.random.PRNGKey(0))
+  return checkpointing.abstract_like(shapes, mesh_lib.replicated(mesh))
+
+
+def compile_train_step(model, tx, mesh) -> Callable:
+  """The train step, jitted once with explicit shardings; the old state's buffers are donated."""
+  replicated, batch = mesh_lib.replicated(mesh), mesh_lib.batch_sharded(mesh)
+  return jax.jit(functools.partial(train_step, model=model, tx=tx), in_shardings=(replicated, batch),
+                 out_shardings=(replicated, replicated), donate_argnums=(0,))
+
+
+def compile_eval_step(model, mesh) -> Callable:
+  replicated, batch = mesh_lib.replicated(mesh), mesh_lib.batch_sharded(mesh)
+  return jax.jit(functools.partial(eval_step, model=model), in_shardings=(replicated, batch),
+                 out_shardings=replicated)
+
+
+def evaluate_loss(eval_fn, state, batches, mesh) -> float:
+  """Mean next-token loss over every (image, caption) pair of a split."""
+  totals = []
+  for batch in mesh_lib.prefetch_to_mesh(batches, mesh):
+    totals.append(eval_fn(state, batch))
+  totals = jax.device_get(totals)
+  loss_sum = sum(float(t['loss_sum']) for t in totals)
+  tokens = sum(float(t['tokens']) for t in totals)
+  return loss_sum / max(tokens, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class _Run:
+  """Everything the loop needs that does not change during training (not a pytree of arrays)."""
+  config: Any = flax.struct.field(pytree_node=False)
+  workdir: str = flax.struct.field(pytree_node=False)
+  vocab: Any = flax.struct.field(pytree_node=False)
+  model: Any = flax.struct.field(pytree_node=False)
+  mesh: Any = flax.struct.field(pytree_node=False)
+  splits: Any = flax.struct.field(pytree_node=False)
+  steps_per_epoch: int = flax.struct.field(pytree_node=False)
+  total_steps: int = flax.struct.field(pytree_node=False)
+
+
+def _steps_per_epoch(config, num_train_images: int) -> int:
+  pairs = input_pipeline.num_train_pairs(num_train_images, config.data.captions_per_image,
+                                         config.data.random_caption)
+  steps = pairs // config.train.batch_size
+  if steps < 1:
+    raise ValueError(f'config.train.batch_size={config.train.batch_size} is larger than the '
+                     f'{pairs} training pairs of one epoch')
+  return steps
+
+
+def _train_iterator(run: _Run):
+  cfg = run.config
+  return input_pipeline.make_train_iterator(
+      run.splits['train'], run.vocab, image_size=cfg.data.image_size,
+      max_caption_len=cfg.data.max_caption_len,
+      host_batch_size=mesh_lib.check_batch_size(cfg.train.batch_size, run.mesh),
+      captions_per_image=cfg.data.captions_per_image, augment=input_pipeline.AugmentConfig.from_config(
+          cfg.data.augment), seed=cfg.seed, process_index=jax.process_index(),
+      process_count=jax.process_count(), num_workers=cfg.data.num_workers,
+      random_caption=cfg.data.random_caption)
+
+
+def _val_loss_batches(run: _Run, split: str):
+  cfg = run.config
+  return input_pipeline.eval_pair_batches(
+      run.splits[split], run.vocab, image_size=cfg.data.image_size,
+      max_caption_len=cfg.data.max_caption_len,
+      host_batch_size=mesh_lib.check_batch_size(cfg.train.eval_batch_size, run.mesh, 'eval_batch_size'),
+      captions_per_image=cfg.data.captions_per_image, process_index=jax.process_index(),
+      process_count=jax.process_count())
+
+
+def _draw_batches(iterator, count: int):
+  """Pulls `count` host batches, each with the iterator state right after it (for exact resume)."""
+  for _ in range(count):
+    batch = next(iterator)
+    yield batch, iterator.get_state()
+
+
+def _epoch_end(run: _Run, state, eval_fn, epoch: int, train_loss: float, checkpointer, history,
+               data_state, writer) -> None:
+  cfg = run.config
+  record = {'epoch': epoch, 'step': int(state.step), 'train_loss': train_loss,
+            'val_loss': evaluate_loss(eval_fn, state, _val_loss_batches(run, 'validation'), run.mesh)}
+  every = cfg.train.metrics_every_epochs
+  if every and (epoch % every == 0 or int(state.step) >= run.total_steps):
+    from capjax import evaluation  # pylint: disable=g-import-not-at-top
+    scores = evaluation.caption_metrics_for_split(
+        run.model, state, run.vocab, run.splits['validation'], run.mesh, cfg,
+        metrics=('bleu', 'cider'), max_images=cfg.train.metrics_num_images)
+    record.update(scores)
+  history.append(record)
+  checkpointer.save(int(state.step), state, data_state, metrics=record)
+  workdir_lib.save_history(run.workdir, history)
+  reporting.log_epoch(record, writer)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       splits: Mapping[str, Any] | None = None) -> dict:
+  """Trains (resuming from `workdir` if it holds checkpoints), evaluates, returns the final summary.
+
+  `splits` injects data sources (tests); by default the prepared tfds splits are opened."""
+  os.makedirs(workdir, exist_ok=True)
+  if splits is None:
+    from capjax.data import sources  # pylint: disable=g-import-not-at-top
+    splits = sources.open_dataset(config.data)
+  vocab = workdir_lib.load_or_build_vocab(workdir, config.data, splits['train'])
+  workdir_lib.save_config(workdir, config)
+  mesh = mesh_lib.make_mesh()
+  model = captioner.build_captioner(config.model, len(vocab))
+  steps_per_epoch = _steps_per_epoch(config, len(splits['train']))
+  total_steps = steps_per_epoch * config.train.num_epochs
+  if config.train.max_steps:
+    total_steps = min(total_steps, config.train.max_steps)
+  run = _Run(config, workdir, vocab, model, mesh, splits, steps_per_epoch, total_steps)
+
+  schedule = make_schedule(config.train, steps_per_epoch, total_steps)
+  tx = make_optimizer(config.train, schedule, config.model.encoder_mode)
+  state = create_train_state(model, tx, config.seed, config.data.image_size,
+                             config.data.max_caption_len, mesh)
+  train_fn, eval_fn = compile_train_step(model, tx, mesh), compile_eval_step(model, mesh)
+  train_iter = _train_iterator(run)
+  checkpointer = checkpointing.Checkpointer(
+      workdir_lib.checkpoint_dir(workdir), keep=config.train.keep_checkpoints,
+      keep_best=config.train.keep_best_checkpoints, best_metric=config.train.best_metric,
+      best_mode=config.train.best_mode)
+  history = []
+  if checkpointer.latest_step() is not None:
+    step = checkpointer.latest_step()
+    state = checkpointer.restore(step, checkpointing.abstract_like(state, mesh_lib.replicated(mesh)),
+                                 train_iter)
+    history = [h for h in workdir_lib.load_history(workdir) if h['step'] <= step]
+    reporting.say(f'Resumed from step {step} in {workdir}.')
+
+  writer = reporting.make_writer(workdir)
+  start_step = int(state.step)
+  progress = reporting.Progress(total_steps, start_step, config.train.batch_size)
+  reporting.say(f'Training {total_steps} steps ({steps_per_epoch} per epoch, global batch '
+                f'{config.train.batch_size}, {mesh.devices.size} devices, vocabulary {len(vocab)}).')
+  pending, epoch_losses, data_state = [], [], None
+  # Dispatch is asynchronous: drawing the next host batch overlaps the step running on the devices.
+  drawn = _draw_batches(train_iter, total_steps - start_step)
+  for step in range(start_step, total_steps):
+    batch, data_state = next(drawn)
+    state, metrics = train_fn(state, mesh_lib.host_batch_to_global(batch, mesh))
+    pending.append(metrics)
+    if (step + 1) % config.train.log_every_steps == 0 or step + 1 == total_steps:
+      fetched = jax.device_get(pending)  # fetched at log time only: the host never waits per step
+      epoch_losses.extend(float(m['loss']) for m in fetched)
+      progress.update(step + 1, fetched, schedule(step), writer)
+      pending = []
+    epoch_done = (step + 1) % steps_per_epoch == 0
+    if epoch_done or step + 1 == total_steps:
+      fetched = jax.device_get(pending)
+      epoch_losses.extend(float(m['loss']) for m in fetched)
+      pending = []
+      epoch = -(-(step + 1) // steps_per_epoch)
+      _epoch_end(run, state, eval_fn, epoch, float(np.mean(epoch_losses)) if epoch_losses else
+                 float('nan'), checkpointer, history, data_state, writer)
+      epoch_losses = []
+      progress.restart_clock(step + 1)
+    elif config.train.checkpoint_every_steps and (step + 1) % config.train.checkpoint_every_steps == 0:
+      checkpointer.save(step + 1, state, data_state)
+  checkpointer.close()
+  reporting.close_writer(writer)
+  if jax.process_index() == 0 and history:
+    reporting.plot_loss_curves(history, os.path.join(workdir, 'loss_curves.png'))
+  return {'state': state, 'history': history, 'vocab': vocab, 'model': model, 'mesh': mesh}

@@ -1,0 +1,68 @@
+"""The seed recipe: ResNet50 + 256-unit LSTM on Flickr8k at 224 px.
+
+Prepare the data once, then train (see README for the accepted download layouts):
+  python launch.py --mode=prepare --config=configs/default.py --config.data.manual_dir=/path/to/flickr8k
+  python launch.py --config=configs/default.py --workdir=/tmp/capjax_flickr8k
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  config.data = data = ml_collections.ConfigDict()
+  data.name = 'flickr8k'  # flickr8k | flickr30k | coco | shapes (the built-in demo data)
+  data.data_dir = '~/capjax_data'  # where prepared array_record files live
+  data.manual_dir = ''  # where the downloaded dataset was unpacked (prepare mode)
+  data.layout = 'auto'  # auto | flickr8k_original | kaggle_csv | karpathy_json
+  data.image_size = 224
+  data.max_caption_len = 24  # tokens including <START> and <END>; longer captions are truncated
+  data.min_word_count = 5
+  data.captions_per_image = 5  # (image, caption) training pairs per image per epoch
+  data.random_caption = False  # True: one random caption per image per epoch instead
+  data.num_workers = 0  # grain worker processes (fixed for a run: iterator state depends on it)
+  # The demo dataset's size (only for name='shapes').
+  data.shapes_num_train = 1500
+  data.shapes_num_validation = 200
+  data.shapes_num_test = 200
+  data.shapes_image_size = 96
+
+  data.augment = augment = ml_collections.ConfigDict()
+  augment.enabled = True
+  augment.crop_scale = (0.8, 1.0)
+  augment.crop_ratio = (3 / 4, 4 / 3)
+  augment.flip_prob = 0.5
+  augment.brightness = 0.2
+  augment.contrast = 0.2
+  augment.rotation_degrees = 5.0
+
+  config.model = model = ml_collections.ConfigDict()
+  model.stage_sizes = (3, 4, 6, 3)  # ResNet50
+  model.width = 64
+  model.embed_dim = 256
+  model.hidden_size = 256
+  model.lstm_unroll = 1
+  model.dtype = 'float32'  # 'bfloat16': bf16 compute, float32 params
+  model.encoder_mode = 'train'  # train (fine-tune everything) | frozen (trunk fixed)
+
+  config.train = train = ml_collections.ConfigDict()
+  train.batch_size = 64  # global, over all devices and hosts
+  train.num_epochs = 30
+  train.learning_rate = 1e-3
+  train.warmup_epochs = 1.0
+  train.end_learning_rate_factor = 0.01  # cosine decays to lr * this
+  train.weight_decay = 1e-4
+  train.grad_clip_norm = 5.0
+  train.log_every_steps = 50
+  train.checkpoint_every_steps = 0  # 0: checkpoint at each epoch end only
+  train.keep_checkpoints = 2
+  train.keep_best_checkpoints = 1
+  train.best_metric = 'CIDEr'  # chooses the 'best' checkpoint; val_loss also works (best_mode='min')
+  train.best_mode = 'max'
+  train.metrics_every_epochs = 1  # greedy-decode the validation split for BLEU-4/CIDEr; 0: never
+  train.metrics_num_images = 1000  # cap on validation images decoded for metrics
+  train.eval_batch_size = 64
+  train.max_steps = 0  # >0: stop after this many steps (smoke tests)
+  return config

@@ -1,0 +1,52 @@
+"""capjax entry point: parses flags and dispatches; nothing else lives here.
+
+  python launch.py                                            # demo: train on built-in shapes data
+  python launch.py --config=configs/default.py --workdir=W    # train (resumes if W has checkpoints)
+  python launch.py --mode=prepare --config=configs/flickr8k.py --config.data.manual_dir=/data/flickr8k
+  python launch.py --mode=eval --workdir=W --split=test --beam_size=3 --checkpoint_step=best
+  python launch.py --mode=caption --workdir=W --images='photos/*.jpg' --output=captions.jsonl
+"""
+
+from absl import app
+from absl import flags
+import jax
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file('config', 'configs/demo.py', 'Training configuration file.',
+                                lock_config=True)
+flags.DEFINE_string('workdir', 'workdirs/demo', 'Checkpoints, vocabulary, logs and results.')
+flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'caption', 'prepare'], 'What to run.')
+flags.DEFINE_string('split', 'test', 'eval: which split to caption and score.')
+flags.DEFINE_integer('beam_size', 3, 'eval/caption: beam width (1 = greedy).')
+flags.DEFINE_float('length_penalty', 0.0, 'eval/caption: GNMT length-penalty alpha (0 = none).')
+flags.DEFINE_string('checkpoint_step', 'best', "eval/caption: 'best', 'latest' or a step number.")
+flags.DEFINE_string('images', None, 'caption: an image file, a directory, or a glob.')
+flags.DEFINE_string('output', None, 'caption: also write the captions to this .jsonl file.')
+flags.DEFINE_bool('distributed', False,
+                  'Call jax.distributed.initialize() first (multi-host GPU/TPU; see README).')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if flags.FLAGS.distributed:
+    jax.distributed.initialize()
+  FLAGS = flags.FLAGS  # pylint: disable=invalid-name
+  if FLAGS.mode == 'train':
+    from capjax import cli  # pylint: disable=g-import-not-at-top
+    cli.train(FLAGS.config, FLAGS.workdir)
+  elif FLAGS.mode == 'prepare':
+    from capjax.data import sources  # pylint: disable=g-import-not-at-top
+    sources.prepare_from_config(FLAGS.config.data)
+  elif FLAGS.mode == 'eval':
+    from capjax import evaluation  # pylint: disable=g-import-not-at-top
+    evaluation.evaluate_workdir(FLAGS.workdir, split=FLAGS.split, checkpoint=FLAGS.checkpoint_step,
+                                beam_size=FLAGS.beam_size, length_penalty=FLAGS.length_penalty)
+  else:
+    from capjax import cli  # pylint: disable=g-import-not-at-top
+    cli.caption_images(FLAGS.workdir, FLAGS.images, output=FLAGS.output, beam_size=FLAGS.beam_size,
+                       checkpoint=FLAGS.checkpoint_step, length_penalty=FLAGS.length_penalty)
+
+
+if __name__ == '__main__':
+  app.run(main)
