@@ -291,7 +291,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   progress = reporting.Progress(total_steps, start_step, config.train.batch_size)
   reporting.say(f'Training {total_steps} steps ({steps_per_epoch} per epoch, global batch '
                 f'{config.train.batch_size}, {mesh.devices.size} devices, vocabulary {len(vocab)}).')
-  pending, epoch_losses, data_state = [], [], None
+  pending, epoch_losses, step_losses = [], [], []
   # Dispatch is asynchronous: drawing the next host batch overlaps the step running on the devices.
   drawn = _draw_batches(train_iter, total_steps - start_step)
   for step in range(start_step, total_steps):
@@ -301,12 +301,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if (step + 1) % config.train.log_every_steps == 0 or step + 1 == total_steps:
       fetched = jax.device_get(pending)  # fetched at log time only: the host never waits per step
       epoch_losses.extend(float(m['loss']) for m in fetched)
+      step_losses.extend(float(m['loss']) for m in fetched)
       progress.update(step + 1, fetched, schedule(step), writer)
       pending = []
     epoch_done = (step + 1) % steps_per_epoch == 0
     if epoch_done or step + 1 == total_steps:
       fetched = jax.device_get(pending)
       epoch_losses.extend(float(m['loss']) for m in fetched)
+      step_losses.extend(float(m['loss']) for m in fetched)
       pending = []
       epoch = -(-(step + 1) // steps_per_epoch)
       _epoch_end(run, state, eval_fn, epoch, float(np.mean(epoch_losses)) if epoch_losses else
@@ -319,4 +321,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   reporting.close_writer(writer)
   if jax.process_index() == 0 and history:
     reporting.plot_loss_curves(history, os.path.join(workdir, 'loss_curves.png'))
-  return {'state': state, 'history': history, 'vocab': vocab, 'model': model, 'mesh': mesh}
+  return {'state': state, 'history': history, 'vocab': vocab, 'model': model, 'mesh': mesh,
+          'step_losses': dict(zip(range(start_step + 1, total_steps + 1), step_losses))}

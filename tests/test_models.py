@@ -1,0 +1,78 @@
+"""Model shapes, parameter counts, and the documented teacher-forcing layout."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from capjax.models import captioner
+from capjax.models import resnet
+
+
+def test_resnet50_shapes_and_parameter_count():
+  model = resnet.resnet50()
+  images = jnp.zeros((1, 224, 224, 3))
+  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images, train=False))
+  features = jax.eval_shape(lambda v: model.apply(v, images, train=False), variables)
+  assert features.shape == (1, 7, 7, 2048)
+  # torchvision resnet50 has 25,557,032 parameters; minus its fc layer (2048*1000+1000) = 23,508,032.
+  assert sum(x.size for x in jax.tree.leaves(variables['params'])) == 23_508_032
+  blocks = [k for k in variables['params'] if k.startswith('stage')]
+  assert len(blocks) == 3 + 4 + 6 + 3
+  # Stride sits on the 3x3 conv (v1.5) and each stage's first block has a projection shortcut.
+  assert 'proj_conv' in variables['params']['stage2_block1']
+  assert 'proj_conv' not in variables['params']['stage2_block2']
+
+
+def _tiny(vocab_size=20, **kwargs):
+  return captioner.Captioner(vocab_size=vocab_size, stage_sizes=(1, 1, 1, 1), width=4, embed_dim=16,
+                             hidden_size=16, **kwargs)
+
+
+def test_captioner_output_shapes():
+  model = _tiny()
+  images = jnp.zeros((3, 32, 32, 3), jnp.uint8)
+  tokens = jnp.ones((3, 9), jnp.int32)
+  variables = model.init(jax.random.PRNGKey(0), images, tokens, train=False)
+  assert model.apply(variables, images, tokens, train=False).shape == (3, 9, 20)
+  assert model.apply(variables, images, method=model.encode).shape == (3, 16)
+  assert variables['params']['decoder']['embed']['embedding'].shape == (20, 16)
+
+
+def test_teacher_forcing_matches_step_by_step_decoding():
+  """logits[:, t] of the training graph == the t-th step of image -> <START> -> w1 -> ... feeding."""
+  model = _tiny()
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.integers(0, 255, (2, 32, 32, 3)), jnp.uint8)
+  tokens = jnp.asarray(rng.integers(1, 20, (2, 6)), jnp.int32)
+  variables = model.init(jax.random.PRNGKey(1), images, tokens, train=False)
+  full = model.apply(variables, images, tokens, train=False)
+  carry = model.apply(variables, model.apply(variables, images, method=model.encode), method=model.start)
+  for t in range(tokens.shape[1]):
+    carry, logits = model.apply(variables, carry, tokens[:, t], method=model.step)
+    np.testing.assert_allclose(logits, full[:, t], rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  model = _tiny(dtype=jnp.bfloat16)
+  images = jnp.zeros((2, 32, 32, 3), jnp.uint8)
+  tokens = jnp.ones((2, 5), jnp.int32)
+  variables = model.init(jax.random.PRNGKey(0), images, tokens, train=False)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables['params']))
+  logits = model.apply(variables, images, tokens, train=False)
+  assert logits.dtype == jnp.float32 and np.all(np.isfinite(logits))
+
+
+def test_frozen_trunk_gets_no_gradient():
+  model = _tiny(trunk_mode='frozen')
+  images = jnp.asarray(np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3)), jnp.uint8)
+  tokens = jnp.ones((4, 5), jnp.int32)
+  variables = model.init(jax.random.PRNGKey(0), images, tokens, train=False)
+
+  def loss(params):
+    logits, _ = model.apply({**variables, 'params': params}, images, tokens, train=True,
+                            mutable=['batch_stats'])
+    return jnp.mean(logits ** 2)
+
+  grads = jax.grad(loss)(variables['params'])
+  assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(grads['encoder']['trunk']))
+  assert float(jnp.abs(grads['encoder']['projection']['kernel']).max()) > 0

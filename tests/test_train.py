@@ -1,0 +1,116 @@
+"""The sharded train step: equality with one device, global BatchNorm, loss that falls, resume."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from capjax import mesh as mesh_lib
+from capjax import train
+from capjax import vocab as vocab_lib
+from capjax.data import shapes
+from configs import tiny
+
+
+def _tiny_config():
+  config = tiny.get_config()
+  config.train.metrics_every_epochs = 0
+  return config
+
+
+def _setup(config, devices, vocab_size=30):
+  mesh = mesh_lib.make_mesh(devices)
+  from capjax.models import captioner
+  model = captioner.build_captioner(config.model, vocab_size)
+  schedule = train.make_schedule(config.train, steps_per_epoch=10, total_steps=50)
+  tx = train.make_optimizer(config.train, schedule, config.model.encoder_mode)
+  state = train.create_train_state(model, tx, 0, config.data.image_size, config.data.max_caption_len,
+                                   mesh)
+  return mesh, model, tx, state
+
+
+def _batch(batch_size=16, image_size=32, length=12, vocab_size=30, seed=0):
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(4, vocab_size, (batch_size, length)).astype(np.int32)
+  tokens[:, 0] = vocab_lib.START_ID
+  lengths = rng.integers(4, length, batch_size)
+  for row, n in zip(tokens, lengths):
+    row[n] = vocab_lib.END_ID
+    row[n + 1:] = vocab_lib.PAD_ID
+  return {'image': rng.integers(0, 255, (batch_size, image_size, image_size, 3)).astype(np.uint8),
+          'tokens': tokens}
+
+
+def test_eight_device_step_equals_one_device_step():
+  assert jax.device_count() == 8
+  config = _tiny_config()
+  results = []
+  for devices in (jax.devices()[:1], jax.devices()):
+    mesh, model, tx, state = _setup(config, devices)
+    step = train.compile_train_step(model, tx, mesh)
+    losses = []
+    for i in range(3):
+      state, metrics = step(state, mesh_lib.host_batch_to_global(_batch(seed=i), mesh))
+      losses.append(float(metrics['loss']))
+    results.append((losses, jax.device_get(state.params), jax.device_get(state.batch_stats)))
+  (losses1, params1, stats1), (losses8, params8, stats8) = results
+  np.testing.assert_allclose(losses1, losses8, rtol=1e-4)
+  # BatchNorm running statistics equal: the 8-way sharded step normalises over the global batch.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4), stats1, stats8)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4), params1, params8)
+
+
+def test_loss_decreases_on_a_fixed_batch():
+  config = _tiny_config()
+  mesh, model, _, _ = _setup(config, jax.devices())
+  tx = train.make_optimizer(config.train, optax.constant_schedule(1e-2), 'train')
+  state = train.create_train_state(model, tx, 0, 32, 12, mesh)
+  step = train.compile_train_step(model, tx, mesh)
+  batch = mesh_lib.host_batch_to_global(_batch(), mesh)
+  losses = []
+  for _ in range(25):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics['loss']))
+  assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_padding_is_masked_and_weighted():
+  logits = jnp.zeros((2, 3, 5))
+  tokens = jnp.array([[1, 4, 2, 0], [1, 4, 4, 2]])
+  loss_sum, count = train.token_cross_entropy(logits, tokens)
+  assert float(count) == 5  # row 0: targets 4, <END>; row 1: 4, 4, <END>
+  np.testing.assert_allclose(loss_sum, 5 * np.log(5), rtol=1e-6)
+  _, weighted = train.token_cross_entropy(logits, tokens, jnp.array([1.0, 0.0]))
+  assert float(weighted) == 2
+
+
+def _records(num_train=48):
+  return {s: list(shapes.generate_records(s, n, 48))
+          for s, n in [('train', num_train), ('validation', 16), ('test', 16)]}
+
+
+def test_resume_after_kill_gives_identical_losses(tmp_path, monkeypatch):
+  config = _tiny_config()
+  config.train.checkpoint_every_steps = 3
+  splits = _records(num_train=24)  # 120 pairs: 7 steps per epoch, 14 in all
+  uninterrupted = train.train_and_evaluate(config, str(tmp_path / 'a'), splits)['step_losses']
+  assert len(uninterrupted) == 14
+
+  real_draw = train._draw_batches
+
+  def killed_after_12(iterator, count):
+    for i, item in enumerate(real_draw(iterator, count)):
+      if i == 11:  # steps 1..11 ran; checkpoints at 3, 6, 7 (epoch end), 9
+        raise KeyboardInterrupt('simulated kill')
+      yield item
+
+  monkeypatch.setattr(train, '_draw_batches', killed_after_12)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, str(tmp_path / 'b'), splits)
+  monkeypatch.setattr(train, '_draw_batches', real_draw)
+  resumed = train.train_and_evaluate(config, str(tmp_path / 'b'), splits)
+  assert min(resumed['step_losses']) == 10  # resumed from the checkpoint at step 9
+  for step, loss in resumed['step_losses'].items():
+    assert loss == pytest.approx(uninterrupted[step], rel=1e-6, abs=1e-6), step
+  assert [h['step'] for h in resumed['history']] == [7, 14]
