@@ -143,6 +143,8 @@ class TrainExample(grain.transforms.RandomMap):
     if caption_index < 0:
       caption_index = int(rng.integers(len(captions)))
     caption = captions[caption_index % len(captions)]
+    if 'features' in record:  # cached encoder features: no image, so no augmentation
+      return {'features': record['features'], 'tokens': self._vocab.encode(caption, self._max_len)}
     image = decode_image(as_bytes(record['image']), self._size)
     pixels, flipped = augment_image(image, rng, self._size, self._augment)
     if flipped:
@@ -159,9 +161,11 @@ class EvalExample(grain.transforms.Map):
   def map(self, element):
     record, caption_index = element
     captions = record_captions(record)
+    tokens = self._vocab.encode(captions[caption_index % len(captions)], self._max_len)
+    if 'features' in record:
+      return {'features': record['features'], 'tokens': tokens}
     image = decode_image(as_bytes(record['image']), self._size)
-    return {'image': resize_image(image, self._size),
-            'tokens': self._vocab.encode(captions[caption_index % len(captions)], self._max_len)}
+    return {'image': resize_image(image, self._size), 'tokens': tokens}
 
 
 class ImageForCaptioning(grain.transforms.Map):
@@ -201,7 +205,7 @@ def pad_batch(examples: Sequence[dict], batch_size: int) -> dict[str, np.ndarray
   (1 real, 0 padding) so every eval batch has one static shape."""
   n = len(examples)
   padded = list(examples) + [examples[-1]] * (batch_size - n)
-  batch = {k: np.stack([e[k] for e in padded]) for k in ('image', 'tokens', 'index')
+  batch = {k: np.stack([e[k] for e in padded]) for k in ('image', 'features', 'tokens', 'index')
            if k in examples[0]}
   batch['weight'] = (np.arange(batch_size) < n).astype(np.float32)
   if 'index' in batch:

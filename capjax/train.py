@@ -52,20 +52,33 @@ def _decay_mask(params):
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-def _frozen_trunk_labels(params):
+def _trunk_labels(params):
   return flax.traverse_util.path_aware_map(
-      lambda path, _: 'frozen' if 'trunk' in path else 'trained', params)
+      lambda path, _: 'trunk' if 'trunk' in path else 'head', params)
 
 
-def make_optimizer(train_cfg, schedule: optax.Schedule, encoder_mode: str) -> optax.GradientTransformation:
-  """Global-norm clipping + AdamW with warmup/cosine; a frozen trunk gets no updates at all
-  (not even weight decay)."""
-  tx = optax.chain(
-      optax.clip_by_global_norm(train_cfg.grad_clip_norm),
-      optax.adamw(schedule, weight_decay=train_cfg.weight_decay, mask=_decay_mask))
-  if encoder_mode == 'frozen':
-    tx = optax.multi_transform({'trained': tx, 'frozen': optax.set_to_zero()}, _frozen_trunk_labels)
-  return tx
+def _adamw(train_cfg, learning_rate) -> optax.GradientTransformation:
+  return optax.adamw(learning_rate, weight_decay=train_cfg.weight_decay, mask=_decay_mask)
+
+
+def make_optimizer(train_cfg, schedule: optax.Schedule, encoder_mode: str,
+                   frozen_steps: int = 0) -> optax.GradientTransformation:
+  """Global-norm clipping + AdamW with warmup/cosine.
+
+  encoder_mode 'frozen'/'cached': the trunk gets no updates at all (not even weight decay).
+  encoder_mode 'train' with `frozen_steps` > 0 (the warm-up): the trunk's learning rate is 0 for
+  the first `frozen_steps`, then `encoder_lr_factor` x the schedule."""
+  clip = optax.clip_by_global_norm(train_cfg.grad_clip_norm)
+  if encoder_mode in ('frozen', 'cached'):
+    return optax.chain(clip, optax.multi_transform(
+        {'head': _adamw(train_cfg, schedule), 'trunk': optax.set_to_zero()}, _trunk_labels))
+  factor = train_cfg.get('encoder_lr_factor', 1.0)
+  if frozen_steps or factor != 1.0:
+    trunk_schedule = lambda step: jnp.where(step < frozen_steps, 0.0, factor * schedule(step))  # noqa: E731
+    return optax.chain(clip, optax.multi_transform(
+        {'head': _adamw(train_cfg, schedule), 'trunk': _adamw(train_cfg, trunk_schedule)},
+        _trunk_labels))
+  return optax.chain(clip, _adamw(train_cfg, schedule))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -84,15 +97,22 @@ def token_cross_entropy(logits, tokens, example_weight=None):
   return jnp.sum(losses * mask), jnp.sum(mask)
 
 
+def _apply_model(model, variables, batch, **kwargs):
+  """Teacher-forced logits from images, or from cached pooled trunk features ('cached' mode)."""
+  if 'features' in batch:
+    return model.apply(variables, batch['features'], batch['tokens'][:, :-1],
+                       method=model.decode_from_features, **kwargs)
+  return model.apply(variables, batch['image'], batch['tokens'][:, :-1], **kwargs)
+
+
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.Module,
                tx: optax.GradientTransformation) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimiser step on a (globally sharded) batch; BatchNorm statistics are over the global batch."""
   step_rng = jax.random.fold_in(state.rng, state.step)
 
   def loss_fn(params):
-    logits, updates = model.apply(
-        {'params': params, 'batch_stats': state.batch_stats}, batch['image'], batch['tokens'][:, :-1],
-        train=True, mutable=['batch_stats'], rngs={'dropout': step_rng})
+    logits, updates = _apply_model(model, {'params': params, 'batch_stats': state.batch_stats}, batch,
+                                   train=True, mutable=['batch_stats'], rngs={'dropout': step_rng})
     loss_sum, count = token_cross_entropy(logits, batch['tokens'])
     return loss_sum / jnp.maximum(count, 1.0), (updates['batch_stats'], count)
 
@@ -100,13 +120,13 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.M
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                             batch_stats=batch_stats, opt_state=opt_state)
-  return new_state, {'loss': loss, 'tokens': count, 'grad_norm': optax.global_norm(grads)}
+  return new_state, {'loss': loss, 'tokens': count, 'grad_norm': optax.tree.norm(grads)}
 
 
 def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.Module) -> dict:
   """Summed loss and token count; examples with weight 0 (batch padding) do not count."""
-  logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats}, batch['image'],
-                       batch['tokens'][:, :-1], train=False)
+  logits = _apply_model(model, {'params': state.params, 'batch_stats': state.batch_stats}, batch,
+                        train=False)
   loss_sum, count = token_cross_entropy(logits, batch['tokens'], batch['weight'])
   return {'loss_sum': loss_sum, 'tokens': count}
 
@@ -187,7 +207,8 @@ class _Run:
   vocab: Any = flax.struct.field(pytree_node=False)
   model: Any = flax.struct.field(pytree_node=False)
   mesh: Any = flax.struct.field(pytree_node=False)
-  splits: Any = flax.struct.field(pytree_node=False)
+  splits: Any = flax.struct.field(pytree_node=False)  # image sources (captioning metrics)
+  loss_sources: Any = flax.struct.field(pytree_node=False)  # what the loss pipelines read
   steps_per_epoch: int = flax.struct.field(pytree_node=False)
   total_steps: int = flax.struct.field(pytree_node=False)
 
@@ -205,7 +226,7 @@ def _steps_per_epoch(config, num_train_images: int) -> int:
 def _train_iterator(run: _Run):
   cfg = run.config
   return input_pipeline.make_train_iterator(
-      run.splits['train'], run.vocab, image_size=cfg.data.image_size,
+      run.loss_sources['train'], run.vocab, image_size=cfg.data.image_size,
       max_caption_len=cfg.data.max_caption_len,
       host_batch_size=mesh_lib.check_batch_size(cfg.train.batch_size, run.mesh),
       captions_per_image=cfg.data.captions_per_image, augment=input_pipeline.AugmentConfig.from_config(
@@ -217,7 +238,7 @@ def _train_iterator(run: _Run):
 def _val_loss_batches(run: _Run, split: str):
   cfg = run.config
   return input_pipeline.eval_pair_batches(
-      run.splits[split], run.vocab, image_size=cfg.data.image_size,
+      run.loss_sources[split], run.vocab, image_size=cfg.data.image_size,
       max_caption_len=cfg.data.max_caption_len,
       host_batch_size=mesh_lib.check_batch_size(cfg.train.eval_batch_size, run.mesh, 'eval_batch_size'),
       captions_per_image=cfg.data.captions_per_image, process_index=jax.process_index(),
@@ -249,6 +270,46 @@ def _epoch_end(run: _Run, state, eval_fn, epoch: int, train_loss: float, checkpo
   reporting.log_epoch(record, writer)
 
 
+def _with_pretrained_trunk(state: TrainState, path: str, mesh) -> TrainState:
+  """Puts imported ImageNet trunk weights into a fresh state (Adam moments start at zero either way)."""
+  from capjax import pretrained  # pylint: disable=g-import-not-at-top  (torch is optional)
+  variables = pretrained.load_encoder_init(
+      os.path.expanduser(path), {'params': state.params, 'batch_stats': state.batch_stats})
+  reporting.say(f'Initialised the ResNet trunk from {path}.')
+  return state.replace(params=mesh_lib.tree_replicate(variables['params'], mesh),
+                       batch_stats=mesh_lib.tree_replicate(variables['batch_stats'], mesh))
+
+
+def _loss_sources(config, workdir, model, state, splits, mesh) -> dict:
+  """Image sources, or in 'cached' mode cached pooled features with the same captions. The trunk is
+  fixed in that mode, so the state before a restore already has the checkpoint's trunk."""
+  if config.model.encoder_mode != 'cached':
+    return splits
+  from capjax import features  # pylint: disable=g-import-not-at-top
+  if not config.model.encoder_init:
+    reporting.say('encoder_mode=cached without encoder_init: the cached features come from a '
+                  'randomly initialised trunk.')
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  sources = {}
+  for split in ('train', 'validation'):
+    rows = features.load_or_extract(
+        workdir, split, model, variables, splits[split], mesh, image_size=config.data.image_size,
+        batch_size=config.train.eval_batch_size, reextract=config.model.reextract_features)
+    sources[split] = features.FeatureSource(rows, splits[split])
+  return sources
+
+
+def _compiled_train_steps(config, vocab, model, tx, mesh, frozen_steps: int):
+  """step -> compiled train step: during the frozen warm-up, a variant whose trunk is frozen (no
+  gradient, BatchNorm in inference mode); the same parameters either way."""
+  train_fn = compile_train_step(model, tx, mesh)
+  if not frozen_steps:
+    return lambda step: train_fn
+  warmup_model = captioner.build_captioner(config.model, len(vocab), trunk_mode='frozen')
+  warmup_fn = compile_train_step(warmup_model, tx, mesh)
+  return lambda step: warmup_fn if step < frozen_steps else train_fn
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        splits: Mapping[str, Any] | None = None) -> dict:
   """Trains (resuming from `workdir` if it holds checkpoints), evaluates, returns the final summary.
@@ -266,13 +327,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   total_steps = steps_per_epoch * config.train.num_epochs
   if config.train.max_steps:
     total_steps = min(total_steps, config.train.max_steps)
-  run = _Run(config, workdir, vocab, model, mesh, splits, steps_per_epoch, total_steps)
+  frozen_steps = 0
+  if config.model.encoder_mode == 'train':
+    frozen_steps = int(config.train.frozen_epochs * steps_per_epoch)
 
   schedule = make_schedule(config.train, steps_per_epoch, total_steps)
-  tx = make_optimizer(config.train, schedule, config.model.encoder_mode)
+  tx = make_optimizer(config.train, schedule, config.model.encoder_mode, frozen_steps)
   state = create_train_state(model, tx, config.seed, config.data.image_size,
                              config.data.max_caption_len, mesh)
-  train_fn, eval_fn = compile_train_step(model, tx, mesh), compile_eval_step(model, mesh)
+  if config.model.encoder_init:
+    state = _with_pretrained_trunk(state, config.model.encoder_init, mesh)
+  run = _Run(config, workdir, vocab, model, mesh, splits,
+             _loss_sources(config, workdir, model, state, splits, mesh), steps_per_epoch, total_steps)
+  train_fn_for_step = _compiled_train_steps(config, vocab, model, tx, mesh, frozen_steps)
+  eval_fn = compile_eval_step(model, mesh)
   train_iter = _train_iterator(run)
   checkpointer = checkpointing.Checkpointer(
       workdir_lib.checkpoint_dir(workdir), keep=config.train.keep_checkpoints,
@@ -287,39 +355,61 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     reporting.say(f'Resumed from step {step} in {workdir}.')
 
   writer = reporting.make_writer(workdir)
-  start_step = int(state.step)
-  progress = reporting.Progress(total_steps, start_step, config.train.batch_size)
   reporting.say(f'Training {total_steps} steps ({steps_per_epoch} per epoch, global batch '
-                f'{config.train.batch_size}, {mesh.devices.size} devices, vocabulary {len(vocab)}).')
-  pending, epoch_losses, step_losses = [], [], []
-  # Dispatch is asynchronous: drawing the next host batch overlaps the step running on the devices.
-  drawn = _draw_batches(train_iter, total_steps - start_step)
-  for step in range(start_step, total_steps):
-    batch, data_state = next(drawn)
-    state, metrics = train_fn(state, mesh_lib.host_batch_to_global(batch, mesh))
-    pending.append(metrics)
-    if (step + 1) % config.train.log_every_steps == 0 or step + 1 == total_steps:
-      fetched = jax.device_get(pending)  # fetched at log time only: the host never waits per step
-      epoch_losses.extend(float(m['loss']) for m in fetched)
-      step_losses.extend(float(m['loss']) for m in fetched)
-      progress.update(step + 1, fetched, schedule(step), writer)
-      pending = []
-    epoch_done = (step + 1) % steps_per_epoch == 0
-    if epoch_done or step + 1 == total_steps:
-      fetched = jax.device_get(pending)
-      epoch_losses.extend(float(m['loss']) for m in fetched)
-      step_losses.extend(float(m['loss']) for m in fetched)
-      pending = []
-      epoch = -(-(step + 1) // steps_per_epoch)
-      _epoch_end(run, state, eval_fn, epoch, float(np.mean(epoch_losses)) if epoch_losses else
-                 float('nan'), checkpointer, history, data_state, writer)
-      epoch_losses = []
-      progress.restart_clock(step + 1)
-    elif config.train.checkpoint_every_steps and (step + 1) % config.train.checkpoint_every_steps == 0:
-      checkpointer.save(step + 1, state, data_state)
+                f'{config.train.batch_size}, {mesh.devices.size} devices, vocabulary {len(vocab)}, '
+                f'encoder {config.model.encoder_mode}).')
+  step_losses = _train_loop(run, state, train_fn_for_step, eval_fn, train_iter, checkpointer, history,
+                            writer, schedule)
+  state = step_losses.pop('state')
   checkpointer.close()
   reporting.close_writer(writer)
   if jax.process_index() == 0 and history:
     reporting.plot_loss_curves(history, os.path.join(workdir, 'loss_curves.png'))
   return {'state': state, 'history': history, 'vocab': vocab, 'model': model, 'mesh': mesh,
-          'step_losses': dict(zip(range(start_step + 1, total_steps + 1), step_losses))}
+          'step_losses': step_losses}
+
+
+def _train_loop(run: _Run, state, train_fn_for_step, eval_fn, train_iter, checkpointer, history,
+                writer, schedule) -> dict:
+  """Steps from `state.step` to the end; returns {step: loss} and the final state under 'state'."""
+  cfg = run.config
+  start_step = int(state.step)
+  progress = reporting.Progress(run.total_steps, start_step, cfg.train.batch_size)
+  pending, epoch_losses, step_losses = [], [], {}
+
+  def fetch(step):  # metrics are fetched at log time only: the host never waits on each step
+    nonlocal pending
+    fetched, pending = jax.device_get(pending), []
+    losses = [float(m['loss']) for m in fetched]
+    epoch_losses.extend(losses)
+    step_losses.update(zip(range(step - len(losses) + 1, step + 1), losses))
+    return fetched
+
+  # Batches go to the devices one step ahead: the copy (and the next host batch) overlap the step.
+  drawn = _draw_batches(train_iter, run.total_steps - start_step)
+  upcoming = None
+  for step in range(start_step, run.total_steps):
+    if upcoming is None:
+      upcoming = _to_devices(next(drawn), run.mesh)
+    (batch, data_state), upcoming = upcoming, None
+    if step + 1 < run.total_steps:
+      upcoming = _to_devices(next(drawn), run.mesh)
+    state, metrics = train_fn_for_step(step)(state, batch)
+    pending.append(metrics)
+    if (step + 1) % cfg.train.log_every_steps == 0 or step + 1 == run.total_steps:
+      progress.update(step + 1, fetch(step + 1), schedule(step), writer)
+    if (step + 1) % run.steps_per_epoch == 0 or step + 1 == run.total_steps:
+      fetch(step + 1)
+      epoch = -(-(step + 1) // run.steps_per_epoch)
+      train_loss = float(np.mean(epoch_losses)) if epoch_losses else float('nan')
+      _epoch_end(run, state, eval_fn, epoch, train_loss, checkpointer, history, data_state, writer)
+      epoch_losses.clear()
+      progress.restart_clock(step + 1)
+    elif cfg.train.checkpoint_every_steps and (step + 1) % cfg.train.checkpoint_every_steps == 0:
+      checkpointer.save(step + 1, state, data_state)
+  return {**step_losses, 'state': state}
+
+
+def _to_devices(drawn_item, mesh):
+  batch, data_state = drawn_item
+  return mesh_lib.host_batch_to_global(batch, mesh), data_state

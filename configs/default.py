@@ -45,7 +45,13 @@ def get_config() -> ml_collections.ConfigDict:
   model.hidden_size = 256
   model.lstm_unroll = 1
   model.dtype = 'float32'  # 'bfloat16': bf16 compute, float32 params
-  model.encoder_mode = 'train'  # train (fine-tune everything) | frozen (trunk fixed)
+  # train: fine-tune everything | frozen: trunk fixed, BN in inference mode, only projection+decoder
+  # learn | cached: like frozen, but pooled trunk features are extracted once into the workdir and the
+  # decoder trains on them (fastest; no image augmentation in this mode).
+  model.encoder_mode = 'train'
+  model.reextract_features = False  # cached mode: extract the features again even if present
+  # A torchvision ResNet50 state dict (.pth/.safetensors) to start the trunk from; '' = random init.
+  model.encoder_init = ''
 
   config.train = train = ml_collections.ConfigDict()
   train.batch_size = 64  # global, over all devices and hosts
@@ -55,6 +61,10 @@ def get_config() -> ml_collections.ConfigDict:
   train.end_learning_rate_factor = 0.01  # cosine decays to lr * this
   train.weight_decay = 1e-4
   train.grad_clip_norm = 5.0
+  # Fine-tuning warm-up (encoder_mode=train): trunk frozen for this many epochs, then it learns at
+  # learning_rate * encoder_lr_factor (optax.multi_transform).
+  train.frozen_epochs = 0.0
+  train.encoder_lr_factor = 1.0
   train.log_every_steps = 50
   train.checkpoint_every_steps = 0  # 0: checkpoint at each epoch end only
   train.keep_checkpoints = 2

@@ -59,7 +59,7 @@ class ImageEncoder(nn.Module):
       pooled = jax.lax.stop_gradient(pooled)
     return self.project(pooled, train=train)
 
-  def pooled_features(self, images):
+  def pooled_trunk_features(self, images):
     """Inference-mode pooled trunk features (N, C), what the 'cached' encoder mode stores."""
     features = self.trunk(normalize_images(images, self.dtype), train=False)
     return jnp.mean(features, axis=(1, 2)).astype(jnp.float32)
@@ -169,8 +169,8 @@ class Captioner(nn.Module):
   def encode(self, images, *, train: bool = False):
     return self.encoder(images, train=train)
 
-  def project_features(self, pooled, *, train: bool = False):
-    return self.encoder.project(pooled, train=train)
+  def pooled_trunk_features(self, images):
+    return self.encoder.pooled_trunk_features(images)
 
   def decode_from_features(self, pooled, input_tokens, *, train: bool):
     """Teacher forcing from cached pooled trunk features (the 'cached' encoder mode)."""
@@ -183,11 +183,20 @@ class Captioner(nn.Module):
     return self.decoder.step(carry, tokens)
 
 
-def build_captioner(model_config, vocab_size: int) -> Captioner:
-  """Model from the `config.model` section; the only place that reads the config for the model."""
+ENCODER_MODES = ('train', 'frozen', 'cached')
+
+
+def build_captioner(model_config, vocab_size: int, trunk_mode: str | None = None) -> Captioner:
+  """Model from the `config.model` section; the only place that reads the config for the model.
+  `trunk_mode` overrides what `encoder_mode` implies (the frozen warm-up phase of fine-tuning)."""
   dtypes = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
   if model_config.dtype not in dtypes:
     raise ValueError(f'config.model.dtype: expected one of {sorted(dtypes)}, got {model_config.dtype!r}')
+  if model_config.encoder_mode not in ENCODER_MODES:
+    raise ValueError(f'config.model.encoder_mode: expected one of {ENCODER_MODES}, '
+                     f'got {model_config.encoder_mode!r}')
+  if trunk_mode is None:
+    trunk_mode = 'train' if model_config.encoder_mode == 'train' else 'frozen'
   return Captioner(
       vocab_size=vocab_size,
       stage_sizes=tuple(model_config.stage_sizes),
@@ -195,6 +204,6 @@ def build_captioner(model_config, vocab_size: int) -> Captioner:
       embed_dim=model_config.embed_dim,
       hidden_size=model_config.hidden_size,
       lstm_unroll=model_config.lstm_unroll,
-      trunk_mode='frozen' if model_config.encoder_mode == 'frozen' else 'train',
+      trunk_mode=trunk_mode,
       dtype=dtypes[model_config.dtype],
   )

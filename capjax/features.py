@@ -1,0 +1,87 @@
+"""The 'cached' encoder mode: pooled trunk features extracted once per split, stored in the workdir.
+
+With a frozen (ImageNet) trunk, the ResNet forward pass is the same every epoch, so it is computed
+once: `<workdir>/features/<split>.npy` (float32, one row per image, source order) plus a JSON that says
+what produced it. The decoder then trains on these vectors with no image augmentation (an augmented
+image would need a new forward pass, which is what this mode avoids). A stale file (other dataset size,
+image size or trunk weights) is re-extracted, and `config.model.reextract_features` forces it.
+"""
+
+import hashlib
+import json
+import os
+
+import jax
+import numpy as np
+
+from capjax import input_pipeline
+from capjax import mesh as mesh_lib
+from capjax import reporting
+
+
+def _trunk_fingerprint(trunk_params) -> str:
+  """Changes whenever the trunk weights change (hash of a few leaves' bytes; cheap and stable)."""
+  digest = hashlib.sha256()
+  for leaf in jax.tree.leaves(jax.device_get(trunk_params))[:8]:
+    digest.update(np.ascontiguousarray(leaf).tobytes())
+  return digest.hexdigest()[:16]
+
+
+def extract_pooled_features(model, variables, source, mesh, *, image_size: int,
+                            batch_size: int) -> np.ndarray:
+  """(N, C) float32 pooled trunk features for every image of `source`, in source order."""
+  extract = jax.jit(lambda v, images: model.apply(v, images, method=model.pooled_trunk_features),
+                    in_shardings=(mesh_lib.replicated(mesh), mesh_lib.batch_sharded(mesh)),
+                    out_shardings=mesh_lib.replicated(mesh))
+  host_batch = mesh_lib.check_batch_size(batch_size, mesh, 'eval_batch_size')
+  rows = {}
+  for batch in input_pipeline.caption_batches(source, image_size=image_size, host_batch_size=host_batch,
+                                              process_index=jax.process_index(),
+                                              process_count=jax.process_count()):
+    images = mesh_lib.host_batch_to_global({'image': batch['image']}, mesh)['image']
+    features = np.asarray(jax.device_get(extract(variables, images)))
+    indices = jax.experimental.multihost_utils.process_allgather(batch['index'], tiled=True)
+    rows.update((int(i), f) for i, f in zip(indices, features) if i >= 0)
+  return np.stack([rows[i] for i in range(len(source))]).astype(np.float32)
+
+
+def load_or_extract(workdir: str, split: str, model, variables, source, mesh, *, image_size: int,
+                    batch_size: int, reextract: bool = False) -> np.ndarray:
+  folder = os.path.join(workdir, 'features')
+  path = os.path.join(folder, f'{split}.npy')
+  meta = {'num_images': len(source), 'image_size': image_size,
+          'trunk': _trunk_fingerprint(variables['params']['encoder']['trunk'])}
+  if not reextract and os.path.exists(path) and os.path.exists(path + '.json'):
+    with open(path + '.json', encoding='utf-8') as f:
+      if json.load(f) == meta:
+        return np.load(path)
+    reporting.say(f'{path} was made from other data or trunk weights: extracting again.')
+  reporting.say(f'Extracting pooled trunk features for {len(source)} {split} images ...')
+  features = extract_pooled_features(model, variables, source, mesh, image_size=image_size,
+                                     batch_size=batch_size)
+  if jax.process_index() == 0:
+    os.makedirs(folder, exist_ok=True)
+    with open(path + '.tmp', 'wb') as f:  # np.save would append '.npy' to a '.tmp' name
+      np.save(f, features)
+    os.replace(path + '.tmp', path)
+    with open(path + '.json.tmp', 'w', encoding='utf-8') as f:
+      json.dump(meta, f)
+    os.replace(path + '.json.tmp', path + '.json')
+  return features
+
+
+class FeatureSource:
+  """Random-access records {'features': (C,), 'captions': [...]} built from a split's captions and
+  its cached features; the grain pipeline reads it like an image source."""
+
+  def __init__(self, features: np.ndarray, source):
+    if len(features) != len(source):
+      raise ValueError(f'{len(features)} cached feature rows for {len(source)} images')
+    self._features = features
+    self._captions = [input_pipeline.record_captions(source[i]) for i in range(len(source))]
+
+  def __len__(self):
+    return len(self._captions)
+
+  def __getitem__(self, index):
+    return {'features': self._features[index], 'captions': self._captions[index]}
