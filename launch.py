@@ -19,6 +19,8 @@ flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'caption', 'prepare'], 'Wha
 flags.DEFINE_string('split', 'test', 'eval: which split to caption and score.')
 flags.DEFINE_integer('beam_size', 3, 'eval/caption: beam width (1 = greedy).')
 flags.DEFINE_float('length_penalty', 0.0, 'eval/caption: GNMT length-penalty alpha (0 = none).')
+flags.DEFINE_float('temperature', 0.0, 'caption: >0 samples captions at this temperature (diversity).')
+flags.DEFINE_integer('top_k', 0, 'caption: with --temperature, sample from the k likeliest words.')
 flags.DEFINE_string('checkpoint_step', 'best', "eval/caption: 'best', 'latest' or a step number.")
 flags.DEFINE_string('images', None, 'caption: an image file, a directory, or a glob.')
 flags.DEFINE_string('output', None, 'caption: also write the captions to this .jsonl file.')
@@ -45,7 +47,8 @@ def main(argv):
   else:
     from capjax import cli  # pylint: disable=g-import-not-at-top
     cli.caption_images(FLAGS.workdir, FLAGS.images, output=FLAGS.output, beam_size=FLAGS.beam_size,
-                       checkpoint=FLAGS.checkpoint_step, length_penalty=FLAGS.length_penalty)
+                       checkpoint=FLAGS.checkpoint_step, length_penalty=FLAGS.length_penalty,
+                       temperature=FLAGS.temperature, top_k=FLAGS.top_k)
 
 
 if __name__ == '__main__':

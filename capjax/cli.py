@@ -34,12 +34,14 @@ def find_images(pattern: str) -> list[str]:
 
 
 def caption_images(workdir: str, images: str, *, output: str | None = None, beam_size: int = 3,
-                   checkpoint: str = 'best', length_penalty: float = 0.0) -> list[dict]:
+                   checkpoint: str = 'best', length_penalty: float = 0.0, temperature: float = 0.0,
+                   top_k: int = 0) -> list[dict]:
   """Prints `filename<TAB>caption` per image; unreadable files get an error line, the rest still run."""
   if not images:
     raise ValueError('--images is required in caption mode (a file, directory or glob)')
   captioner = inference.ImageCaptioner.from_workdir(workdir, checkpoint=checkpoint, beam_size=beam_size,
-                                                    length_penalty=length_penalty)
+                                                    length_penalty=length_penalty,
+                                                    temperature=temperature, top_k=top_k)
   loaded, rows = [], []
   for path in find_images(images):
     try:

@@ -28,14 +28,18 @@ from capjax.models import captioner
 
 
 def decode_images(model, variables, images, *, max_len: int, beam_size: int = 1,
-                  length_penalty: float = 0.0):
+                  length_penalty: float = 0.0, temperature: float = 0.0, top_k: int = 0, seed: int = 0):
   """uint8 images (N, S, S, 3) -> token ids (N, max_len): `<END>` kept, `<PAD>` after it.
-  Beam size 1 is greedy decoding; larger beams return the best hypothesis."""
+  Beam size 1 is greedy decoding; larger beams return the best hypothesis. temperature > 0 samples
+  instead (optionally from the top_k words), for diverse captions."""
   image_vec = model.apply(variables, images, method=model.encode)
   carry = model.apply(variables, image_vec, method=model.start)
   step_fn = lambda c, t: model.apply(variables, c, t, method=model.step)  # noqa: E731
   kwargs = dict(batch_size=images.shape[0], start_id=vocab_lib.START_ID, end_id=vocab_lib.END_ID,
                 pad_id=vocab_lib.PAD_ID, max_len=max_len)
+  if temperature > 0:
+    return decoding.sample_decode(step_fn, carry, jax.random.PRNGKey(seed), temperature=temperature,
+                                  top_k=top_k, **kwargs)
   if beam_size == 1:
     return decoding.greedy_decode(step_fn, carry, **kwargs)
   result = decoding.beam_search(step_fn, carry, beam_size=beam_size, length_penalty=length_penalty,
@@ -43,10 +47,11 @@ def decode_images(model, variables, images, *, max_len: int, beam_size: int = 1,
   return result.tokens[:, 0]
 
 
-def make_caption_fn(model, mesh, *, max_len: int, beam_size: int = 1, length_penalty: float = 0.0):
+def make_caption_fn(model, mesh, *, max_len: int, beam_size: int = 1, length_penalty: float = 0.0,
+                    temperature: float = 0.0, top_k: int = 0):
   """(variables, images) -> tokens, compiled once; the batch is sharded over the mesh."""
   fn = functools.partial(decode_images, model, max_len=max_len, beam_size=beam_size,
-                         length_penalty=length_penalty)
+                         length_penalty=length_penalty, temperature=temperature, top_k=top_k)
   return jax.jit(fn, in_shardings=(mesh_lib.replicated(mesh), mesh_lib.batch_sharded(mesh)),
                  out_shardings=mesh_lib.replicated(mesh))
 
@@ -140,19 +145,23 @@ class ImageCaptioner:
   length_penalty: float = 0.0
   batch_size: int = 32
   step: int = -1
+  temperature: float = 0.0
+  top_k: int = 0
 
   @classmethod
   def from_workdir(cls, workdir: str, *, checkpoint: str | int = 'best', beam_size: int = 1,
-                   length_penalty: float = 0.0, batch_size: int = 32) -> 'ImageCaptioner':
+                   length_penalty: float = 0.0, batch_size: int = 32, temperature: float = 0.0,
+                   top_k: int = 0) -> 'ImageCaptioner':
     mesh = mesh_lib.make_mesh()
     config, vocab, model, variables, step = restore_variables(workdir, checkpoint, mesh)
     return cls(model, variables, vocab, config.data.image_size, config.data.max_caption_len - 1, mesh,
-               beam_size, length_penalty, batch_size, step)
+               beam_size, length_penalty, batch_size, step, temperature, top_k)
 
   @functools.cached_property
   def _caption_fn(self):
     return make_caption_fn(self.model, self.mesh, max_len=self.max_len, beam_size=self.beam_size,
-                           length_penalty=self.length_penalty)
+                           length_penalty=self.length_penalty, temperature=self.temperature,
+                           top_k=self.top_k)
 
   def _batch_size(self) -> int:
     devices = self.mesh.devices.size

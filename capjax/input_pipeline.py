@@ -69,6 +69,42 @@ def decode_image(encoded: bytes, min_side: int) -> Image.Image:
   return image.convert('RGB')
 
 
+def record_image(record: dict, min_side: int) -> Image.Image:
+  """The record's picture: pre-decoded pixels when the source caches them, else the JPEG bytes."""
+  if 'pixels' in record:
+    return Image.fromarray(record['pixels'])
+  return decode_image(as_bytes(record['image']), min_side)
+
+
+class DecodedImageCache:
+  """Wraps a source; each image is decoded once, resized so its shorter side is `min_side`, and
+  kept in memory as uint8, so epochs after the first skip JPEG decoding. For datasets that fit in
+  RAM (Flickr8k at shorter side 256: about 8,000 x 256 x 341 x 3 = 2.1 GB). Each grain worker
+  process holds its own cache."""
+
+  def __init__(self, source, min_side: int = 256):
+    self._source, self._min_side, self._cache = source, min_side, {}
+    self._length = len(source)
+
+  def __len__(self):
+    return self._length
+
+  def __getitem__(self, index):
+    index = int(index)
+    if not 0 <= index < self._length:
+      raise IndexError(f'record {index} of {self._length}')
+    if index not in self._cache:
+      record = self._source[index]
+      image = decode_image(as_bytes(record['image']), self._min_side)
+      scale = self._min_side / min(image.size)
+      if scale < 1:
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                             Image.BILINEAR)
+      self._cache[index] = {'pixels': np.asarray(image, np.uint8), 'image_id': record['image_id'],
+                            'captions': record_captions(record)}
+    return self._cache[index]
+
+
 def swap_left_right(caption: str) -> str:
   """Mirror the words of a caption whose image was flipped horizontally."""
   words = caption.split(' ')
@@ -145,7 +181,7 @@ class TrainExample(grain.transforms.RandomMap):
     caption = captions[caption_index % len(captions)]
     if 'features' in record:  # cached encoder features: no image, so no augmentation
       return {'features': record['features'], 'tokens': self._vocab.encode(caption, self._max_len)}
-    image = decode_image(as_bytes(record['image']), self._size)
+    image = record_image(record, self._size)
     pixels, flipped = augment_image(image, rng, self._size, self._augment)
     if flipped:
       caption = swap_left_right(caption)
@@ -164,7 +200,7 @@ class EvalExample(grain.transforms.Map):
     tokens = self._vocab.encode(captions[caption_index % len(captions)], self._max_len)
     if 'features' in record:
       return {'features': record['features'], 'tokens': tokens}
-    image = decode_image(as_bytes(record['image']), self._size)
+    image = record_image(record, self._size)
     return {'image': resize_image(image, self._size), 'tokens': tokens}
 
 
@@ -176,7 +212,7 @@ class ImageForCaptioning(grain.transforms.Map):
 
   def map(self, element):
     index, record = element
-    image = decode_image(as_bytes(record['image']), self._size)
+    image = record_image(record, self._size)
     return {'image': resize_image(image, self._size), 'index': np.int32(index),
             'image_id': as_text(record['image_id']), 'references': record_captions(record)}
 

@@ -284,6 +284,9 @@ def _loss_sources(config, workdir, model, state, splits, mesh) -> dict:
   """Image sources, or in 'cached' mode cached pooled features with the same captions. The trunk is
   fixed in that mode, so the state before a restore already has the checkpoint's trunk."""
   if config.model.encoder_mode != 'cached':
+    if config.data.cache_images_min_side:
+      return {split: input_pipeline.DecodedImageCache(source, config.data.cache_images_min_side)
+              for split, source in splits.items()}
     return splits
   from capjax import features  # pylint: disable=g-import-not-at-top
   if not config.model.encoder_init:

@@ -22,6 +22,8 @@ def get_config() -> ml_collections.ConfigDict:
   data.min_word_count = 5
   data.captions_per_image = 5  # (image, caption) training pairs per image per epoch
   data.random_caption = False  # True: one random caption per image per epoch instead
+  # >0: keep decoded images (shorter side this many pixels) in memory after the first epoch.
+  data.cache_images_min_side = 0
   data.num_workers = 0  # grain worker processes (fixed for a run: iterator state depends on it)
   # The demo dataset's size (only for name='shapes').
   data.shapes_num_train = 1500

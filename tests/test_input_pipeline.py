@@ -96,3 +96,18 @@ def test_eval_batches_are_padded_with_zero_weight():
   captions = list(input_pipeline.caption_batches(source, image_size=32, host_batch_size=2))
   assert [list(b['index']) for b in captions] == [[0, 1], [2, -1]]
   assert captions[1]['references'][0] == source[2]['captions']
+
+
+def test_decoded_image_cache_gives_the_same_batches_without_decoding_again():
+  source = list(shapes.generate_records('train', 4, 96))
+  cached = input_pipeline.DecodedImageCache(source, min_side=64)
+  no_aug = input_pipeline.AugmentConfig(crop_scale=(1, 1), crop_ratio=(1, 1), flip_prob=0,
+                                        brightness=0, contrast=0, rotation_degrees=0)
+  first = next(_iterator(cached, augment=no_aug, image_size=64))
+  assert all(cached[i]['pixels'].shape == (64, 64, 3) for i in range(4))
+  cached._source = None  # reading (and decoding) a record again would now fail
+  again = next(_iterator(cached, augment=no_aug, image_size=64))
+  np.testing.assert_array_equal(first['image'], again['image'])
+  direct = next(_iterator(source, augment=no_aug, image_size=64))
+  np.testing.assert_array_equal(first['tokens'], direct['tokens'])
+  assert np.abs(first['image'].astype(int) - direct['image'].astype(int)).mean() < 3
