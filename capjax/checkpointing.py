@@ -38,7 +38,7 @@ class Checkpointer:
   """Saves and restores (train state, data position) under `<workdir>/checkpoints`."""
 
   def __init__(self, directory: str, *, keep: int = 2, keep_best: int = 1,
-               best_metric: str | None = None, best_mode: str = 'max'):
+               best_metric: str | None = None, best_mode: str = 'max', read_only: bool = False):
     if best_mode not in ('max', 'min'):
       raise ValueError(f"best_mode: expected 'max' or 'min', got {best_mode!r}")
     self.best_metric = best_metric
@@ -50,7 +50,7 @@ class Checkpointer:
           get_metric_fn=best_fn, n=keep_best, reverse=best_mode == 'min',
           keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(
-        best_fn=best_fn, best_mode=best_mode, create=True,
+        best_fn=best_fn, best_mode=best_mode, create=not read_only, read_only=read_only,
         preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
         # Synchronous saves: the caller may exit right after `save`, and tests kill jobs mid-run.
         enable_async_checkpointing=False)

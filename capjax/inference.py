@@ -104,7 +104,9 @@ def restore_variables(workdir: str, checkpoint: str | int | None, mesh, *, confi
   config = config or workdir_lib.load_config(workdir)
   vocab = workdir_lib.load_vocab(workdir)
   model = captioner.build_captioner(config.model, len(vocab))
-  checkpointer = checkpointing.Checkpointer(workdir_lib.checkpoint_dir(workdir))
+  checkpointer = checkpointing.Checkpointer(
+      workdir_lib.checkpoint_dir(workdir), best_metric=config.train.best_metric,
+      best_mode=config.train.best_mode, read_only=True)
   step = checkpointer.resolve_step(checkpoint)
   target = train.abstract_train_state(config, model, mesh)
   try:

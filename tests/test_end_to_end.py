@@ -38,6 +38,16 @@ def test_training_writes_everything_eval_needs(trained):
   assert len(summary['captions']) == 16
 
 
+def test_best_checkpoint_is_the_best_validation_cider(trained):
+  config, workdir, _ = trained
+  history = json.load(open(os.path.join(workdir, 'history.json')))
+  top = max(h['CIDEr'] for h in history)
+  best_steps = {h['step'] for h in history if h['CIDEr'] == top}
+  mesh = inference.mesh_lib.make_mesh()
+  assert inference.restore_variables(workdir, 'best', mesh)[-1] in best_steps
+  assert inference.restore_variables(workdir, 'latest', mesh)[-1] == history[-1]['step']
+
+
 def test_eval_restores_an_eight_device_checkpoint_on_one_device(trained):
   _, workdir, _ = trained
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1', JAX_PLATFORMS='cpu')
