@@ -9,6 +9,7 @@
 
 from absl import app
 from absl import flags
+from absl import logging
 import jax
 from ml_collections import config_flags
 
@@ -31,6 +32,9 @@ flags.DEFINE_bool('distributed', False,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not flags.FLAGS['verbosity'].present:
+    # Progress and results are printed; library INFO logs (orbax, tfds) only with -v 0 or --verbosity.
+    logging.set_verbosity(logging.WARNING)
   if flags.FLAGS.distributed:
     jax.distributed.initialize()
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name

@@ -12,7 +12,7 @@ def say(message: str) -> None:
   """One line for the person watching (process 0 only)."""
   if jax.process_index() == 0:
     print(message, flush=True)
-  logging.info(message)
+  logging.debug(message)
 
 
 def _format_seconds(seconds: float) -> str:

@@ -12,7 +12,7 @@ def get_config():
   config.data.name = 'shapes'
   config.data.data_dir = 'workdirs/data'
   config.data.image_size = 48
-  config.data.max_caption_len = 16
+  config.data.max_caption_len = 20
   config.data.captions_per_image = 5
   config.data.random_caption = True  # one caption per image per epoch: more epochs in the same time
   config.data.shapes_num_train = 1000

@@ -76,3 +76,13 @@ def test_frozen_trunk_gets_no_gradient():
   grads = jax.grad(loss)(variables['params'])
   assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(grads['encoder']['trunk']))
   assert float(jnp.abs(grads['encoder']['projection']['kernel']).max()) > 0
+
+
+def test_lstm_starts_with_forget_gate_bias_one():
+  """So the image, read only at t=0, is not halved away at every step before training starts."""
+  model = _tiny()
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3), jnp.uint8),
+                         jnp.ones((1, 4), jnp.int32), train=False)
+  bias = np.asarray(variables['params']['decoder']['lstm']['input']['bias']).reshape(4, 16)
+  np.testing.assert_array_equal(bias[1], 1.0)  # gate order i, f, g, o
+  np.testing.assert_array_equal(bias[[0, 2, 3]], 0.0)

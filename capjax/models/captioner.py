@@ -88,6 +88,17 @@ class _RecurrentStep(nn.Module):
     return (c, h), h
 
 
+def _forget_gate_bias_init(value: float):
+  """Gate biases (i, f, g, o): zeros, with `value` on the forget gate. A forget bias of 1 makes the
+  cell keep what it read (here: the image, seen only at t=0) until it learns to let go; with 0 the
+  cell halves its memory every step (Jozefowicz et al., 2015)."""
+  def init(key, shape, dtype=jnp.float32):
+    del key
+    hidden = shape[0] // 4
+    return jnp.zeros(shape, dtype).at[hidden:2 * hidden].set(value)
+  return init
+
+
 class LSTM(nn.Module):
   """LSTM over a whole sequence: the input projection of every step is one matmul outside the scan,
   so only the (hidden x 4 hidden) recurrent matmul is sequential."""
@@ -95,9 +106,11 @@ class LSTM(nn.Module):
   hidden_size: int = 256
   unroll: int = 1
   dtype: Any = jnp.float32
+  forget_bias: float = 1.0
 
   def setup(self):
-    self.input_projection = nn.Dense(4 * self.hidden_size, dtype=self.dtype, name='input')
+    self.input_projection = nn.Dense(4 * self.hidden_size, dtype=self.dtype, name='input',
+                                     bias_init=_forget_gate_bias_init(self.forget_bias))
     self.recurrence = nn.scan(
         _RecurrentStep, variable_broadcast='params', split_rngs={'params': False},
         in_axes=1, out_axes=1, unroll=self.unroll)(self.hidden_size, self.dtype, name='cell')
