@@ -45,7 +45,9 @@ class Checkpointer:
     policies = [checkpoint_managers.LatestN(n=keep)]
     best_fn = None
     if best_metric:
-      best_fn = lambda metrics: metrics[best_metric]  # noqa: E731
+      # Epochs without the metric (it may be computed only every few epochs) rank last.
+      worst = float('-inf') if best_mode == 'max' else float('inf')
+      best_fn = lambda metrics: metrics.get(best_metric, worst)  # noqa: E731
       policies.append(checkpoint_managers.BestN(
           get_metric_fn=best_fn, n=keep_best, reverse=best_mode == 'min',
           keep_checkpoints_without_metrics=False))
@@ -77,7 +79,7 @@ class Checkpointer:
     if data_state is not None:
       items[_DATA] = grain.checkpoint.CheckpointSave(_IteratorPosition(data_state))
     clean_metrics = None
-    if metrics is not None and self.best_metric in metrics:
+    if metrics is not None and self.best_metric:
       clean_metrics = {k: float(v) for k, v in metrics.items()}
     self._manager.save(step, args=ocp.args.Composite(**items), metrics=clean_metrics, force=True)
     self._manager.wait_until_finished()

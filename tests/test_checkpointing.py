@@ -38,3 +38,11 @@ def test_lower_is_better_mode_and_missing_directory(tmp_path):
   empty = checkpointing.Checkpointer(str(tmp_path / 'b'))
   with pytest.raises(FileNotFoundError, match='no checkpoint'):
     empty.resolve_step('latest')
+
+
+def test_epochs_without_the_metric_never_count_as_best(tmp_path):
+  ckpt = checkpointing.Checkpointer(str(tmp_path), keep=1, keep_best=1, best_metric='CIDEr')
+  ckpt.save(1, _state(1), metrics={'val_loss': 3.0})
+  ckpt.save(2, _state(2), metrics={'val_loss': 2.0, 'CIDEr': 0.4})
+  ckpt.save(3, _state(3), metrics={'val_loss': 1.0})
+  assert ckpt.best_step() == 2 and ckpt.all_steps() == [2, 3]
