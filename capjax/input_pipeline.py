@@ -27,6 +27,12 @@ from capjax import vocab as vocab_lib
 _SWAP_ON_FLIP = {'left': 'right', 'right': 'left'}
 
 
+def read_options(threads: int, buffer: int) -> grain.ReadOptions:
+  """grain's default (16 threads, 500 elements ahead) decodes far ahead of a slow step and, with
+  whole batches as elements, can hold many GB; a few threads and a short buffer keep up."""
+  return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=buffer)
+
+
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
   """The seed's per-epoch augmentations; each off when its strength is 0."""
@@ -220,13 +226,14 @@ class ImageForCaptioning(grain.transforms.Map):
 def make_train_iterator(source, vocab, *, image_size: int, max_caption_len: int, host_batch_size: int,
                         captions_per_image: int, augment: AugmentConfig, seed: int,
                         process_index: int = 0, process_count: int = 1, num_workers: int = 0,
-                        random_caption: bool = False):
+                        random_caption: bool = False, read_threads: int = 4, prefetch_batches: int = 4):
   """An endless, checkpointable iterator of host batches; see the module docstring for the chain."""
   pairs = grain.MapDataset.range(num_train_pairs(len(source), captions_per_image, random_caption))
   ds = pairs[process_index::process_count].shuffle(seed=seed).repeat()
   ds = ds.map(LookupPair(source, captions_per_image, random_caption))
   ds = ds.random_map(TrainExample(vocab, image_size, max_caption_len, augment), seed=seed)
-  ds = ds.batch(host_batch_size, drop_remainder=True).to_iter_dataset()
+  ds = ds.batch(host_batch_size, drop_remainder=True).to_iter_dataset(
+      read_options(read_threads, prefetch_batches))
   if num_workers > 0:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   return iter(ds)
@@ -271,7 +278,7 @@ def eval_pair_batches(source, vocab, *, image_size: int, max_caption_len: int, h
   ds = ds.map(LookupPair(source, captions_per_image))
   ds = ds.map(EvalExample(vocab, image_size, max_caption_len))
   last = None
-  for chunk in _chunks(ds.to_iter_dataset(), host_batch_size):
+  for chunk in _chunks(ds.to_iter_dataset(read_options(4, 2 * host_batch_size)), host_batch_size):
     last = pad_batch(chunk, host_batch_size)
     yield last
     num_batches -= 1
@@ -290,7 +297,7 @@ def caption_batches(source, *, image_size: int, host_batch_size: int, process_in
   ds = ds.map(lambda i: (int(i), source[int(i)])).map(ImageForCaptioning(image_size))
   num_batches = math.ceil(math.ceil(len(source) / process_count) / host_batch_size)
   chunk = None
-  for chunk in _chunks(ds.to_iter_dataset(), host_batch_size):
+  for chunk in _chunks(ds.to_iter_dataset(read_options(4, 2 * host_batch_size)), host_batch_size):
     batch = pad_batch(chunk, host_batch_size)
     batch['image_id'] = [e['image_id'] for e in chunk]
     batch['references'] = [e['references'] for e in chunk]

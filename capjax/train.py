@@ -232,7 +232,8 @@ def _train_iterator(run: _Run):
       captions_per_image=cfg.data.captions_per_image, augment=input_pipeline.AugmentConfig.from_config(
           cfg.data.augment), seed=cfg.seed, process_index=jax.process_index(),
       process_count=jax.process_count(), num_workers=cfg.data.num_workers,
-      random_caption=cfg.data.random_caption)
+      random_caption=cfg.data.random_caption, read_threads=cfg.data.read_threads,
+      prefetch_batches=cfg.data.prefetch_batches)
 
 
 def _val_loss_batches(run: _Run, split: str):

@@ -24,6 +24,8 @@ def get_config() -> ml_collections.ConfigDict:
   data.random_caption = False  # True: one random caption per image per epoch instead
   # >0: keep decoded images (shorter side this many pixels) in memory after the first epoch.
   data.cache_images_min_side = 0
+  data.read_threads = 4  # grain threads decoding batches in each process
+  data.prefetch_batches = 4  # batches decoded ahead of the step (grain's default of 500 is GBs)
   data.num_workers = 0  # grain worker processes (fixed for a run: iterator state depends on it)
   # The demo dataset's size (only for name='shapes').
   data.shapes_num_train = 1500

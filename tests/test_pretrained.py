@@ -106,7 +106,7 @@ def _captioner_variables(model):
 def _our_trunk_outputs(model, variables, images):
   def trunk_outputs(module, images):
     feature_map = module.encoder.trunk(captioner.normalize_images(images, jnp.float32), train=False)
-    return feature_map, module.encoder.pooled_features(images)
+    return feature_map, module.encoder.pooled_trunk_features(images)
   with jax.default_matmul_precision('highest'):
     apply = jax.jit(lambda v, x: model.apply(v, x, method=trunk_outputs))
     return jax.tree.map(np.asarray, apply(variables, images))

@@ -1,0 +1,194 @@
+"""What every benchmark shares: machine load, device facts, peak FLOP/s, test JPEGs, tables and JSON."""
+
+import dataclasses
+import datetime
+import glob
+import io
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Dense peak FLOP/s per chip from the vendors' data sheets (SXM parts unless named). float32 is the
+# TF32 tensor-core rate: XLA's default matmul/conv precision on Ampere and newer GPUs uses TF32 for
+# float32 (with jax_default_matmul_precision='highest' the plain FP32 rate applies: 67 TFLOP/s on
+# H100/H200, 19.5 on A100). Matched against `device_kind` in this order, first hit wins.
+PEAK_FLOPS = (
+    ('H100 PCIe', {'bfloat16': 756e12, 'float32': 378e12}),
+    ('H100', {'bfloat16': 989e12, 'float32': 495e12}),
+    ('H200', {'bfloat16': 989e12, 'float32': 495e12}),
+    ('A100', {'bfloat16': 312e12, 'float32': 156e12}),
+)
+
+# Another process using more than this many cores during a run marks the machine as busy.
+BUSY_CORES = 0.25
+
+
+def peak_flops(device_kind: str, dtype: str) -> float | None:
+  """Peak FLOP/s of one chip, or None where unknown (CPUs, other accelerators)."""
+  for name, peaks in PEAK_FLOPS:
+    if name.lower() in device_kind.lower():
+      return peaks[dtype]
+  return None
+
+
+def _cpu_jiffies() -> tuple[int, int]:
+  """(busy, total) jiffies over all cores since boot, from /proc/stat; (0, 0) where there is none."""
+  try:
+    with open('/proc/stat') as f:
+      fields = [int(x) for x in f.readline().split()[1:]]
+  except OSError:
+    return 0, 0
+  idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+  return sum(fields) - idle, sum(fields)
+
+
+def _own_cpu_seconds() -> float:
+  t = os.times()
+  return t.user + t.system + t.children_user + t.children_system
+
+
+class LoadMonitor:
+  """How busy the machine was during a run, and how much of that was someone else.
+
+  `others_cores` = all CPU time used on the machine minus this process's (and its reaped children's),
+  per wall second: about 2.0 means another job kept both cores of this machine busy."""
+
+  def __init__(self):
+    self._start = (time.perf_counter(), _cpu_jiffies(), _own_cpu_seconds())
+
+  def report(self) -> dict:
+    (t0, (busy0, total0), own0) = self._start
+    wall = time.perf_counter() - t0
+    busy1, total1 = _cpu_jiffies()
+    cores = os.cpu_count() or 1
+    machine_cores = cores * (busy1 - busy0) / max(total1 - total0, 1)
+    own_cores = (_own_cpu_seconds() - own0) / max(wall, 1e-9)
+    others = max(machine_cores - own_cores, 0.0)
+    return {'wall_s': round(wall, 1), 'machine_cores_busy': round(machine_cores, 2),
+            'own_cores': round(own_cores, 2), 'others_cores': round(others, 2),
+            'loadavg_1m': round(os.getloadavg()[0], 2), 'busy': others > BUSY_CORES}
+
+
+def wait_until_quiet(max_cores: float = 0.1, timeout_s: float = 30.0) -> float:
+  """Waits until this process (and its reaped children) use under `max_cores`, e.g. until a closed
+  pipeline's prefetch threads have finished their batches. Returns the seconds waited."""
+  start = time.perf_counter()
+  while time.perf_counter() - start < timeout_s:
+    own = _own_cpu_seconds()
+    time.sleep(0.25)
+    if (_own_cpu_seconds() - own) / 0.25 < max_cores:
+      break
+  return time.perf_counter() - start
+
+
+def idle_check(seconds: float = 1.0) -> dict:
+  """Samples the machine for `seconds` while this process sleeps: others' load before a run."""
+  monitor = LoadMonitor()
+  time.sleep(seconds)
+  return monitor.report()
+
+
+def describe_load(load: dict) -> str:
+  state = 'BUSY' if load['busy'] else 'quiet'
+  return (f"machine {state}: other processes used {load['others_cores']:.2f} of {os.cpu_count()} "
+          f"cores during the run (this benchmark {load['own_cores']:.2f}), "
+          f"load average {load['loadavg_1m']}")
+
+
+def machine_info() -> dict:
+  """Host and library facts recorded with every result."""
+  import jax  # pylint: disable=g-import-not-at-top
+  info = {'date': datetime.date.today().isoformat(), 'host_cores': os.cpu_count(),
+          'python': platform.python_version(), 'jax': jax.__version__,
+          'backend': jax.default_backend(), 'device_kind': jax.devices()[0].device_kind,
+          'device_count': jax.device_count()}
+  if 'torch' in sys.modules:
+    info['torch'] = sys.modules['torch'].__version__
+  return info
+
+
+def set_torch_threads(threads: int) -> int:
+  """torch's intra-op threads (0 keeps its default, one per core); returns the count in use. On a
+  machine shared with another job, torch's default of one OpenMP thread per core can be many times
+  slower than 1 thread (see RESULTS.md): record which one a number was measured with."""
+  import torch  # pylint: disable=g-import-not-at-top
+  if threads:
+    torch.set_num_threads(threads)
+  return torch.get_num_threads()
+
+
+# ----------------------------------------------------------------------------------------------
+# Test images
+
+
+def flickr_like_records(n: int, width: int = 500, height: int = 375, seed: int = 0) -> list[dict]:
+  """`n` records shaped like Flickr8k's: 500x375 JPEGs (quality 90) of noisy drawn shapes, five
+  captions each. JPEG decode time depends on the pixel count far more than on the content."""
+  from capjax.data import shapes  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  records = []
+  for i in range(n):
+    image, captions = shapes.render_example(rng, max(width, height))
+    buffer = io.BytesIO()
+    image.crop((0, 0, width, height)).save(buffer, format='JPEG', quality=90)
+    records.append({'image': buffer.getvalue(), 'image_id': f'bench_{i:05d}.jpg', 'captions': captions})
+  return records
+
+
+def records_from_dir(pattern: str, limit: int) -> list[dict]:
+  """Real JPEGs (e.g. Flickr8k's Images/*.jpg) as records with a placeholder caption."""
+  paths = sorted(glob.glob(os.path.expanduser(pattern)))[:limit]
+  if not paths:
+    raise FileNotFoundError(f'no files match {pattern!r}')
+  records = []
+  for path in paths:
+    with open(path, 'rb') as f:
+      records.append({'image': f.read(), 'image_id': os.path.basename(path),
+                      'captions': ['a photo']})
+  return records
+
+
+# ----------------------------------------------------------------------------------------------
+# Output
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+  """A plain aligned text table of `columns` (missing values print as '-')."""
+  def fmt(value):
+    if value is None:
+      return '-'
+    if isinstance(value, float):
+      return f'{value:,.3g}' if abs(value) < 100 else f'{value:,.0f}'
+    return str(value)
+  cells = [[fmt(row.get(c)) for c in columns] for row in rows]
+  widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+  print('  '.join(c.rjust(w) for c, w in zip(columns, widths)))
+  for r in cells:
+    print('  '.join(v.rjust(w) for v, w in zip(r, widths)))
+
+
+def write_json(path: str, payload: dict) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, 'w') as f:
+    json.dump(payload, f, indent=1, default=_jsonable)
+  print(f'wrote {path}')
+
+
+def _jsonable(value):
+  if dataclasses.is_dataclass(value):
+    return dataclasses.asdict(value)
+  if isinstance(value, np.generic):
+    return value.item()
+  return str(value)
+
+
+def default_output(script_file: str) -> str:
+  """benchmarks/results/<script>.json: the raw numbers behind benchmarks/RESULTS.md."""
+  name = os.path.splitext(os.path.basename(script_file))[0]
+  return os.path.join(os.path.dirname(os.path.abspath(script_file)), 'results', f'{name}.json')

@@ -1,0 +1,373 @@
+r"""Training throughput of the seed captioner: examples/s per encoder mode and dtype, and MFU.
+
+Modes (all on every local device, batch sharded over 'data' like capjax's train loop):
+  train   ResNet50 + LSTM, everything learns (capjax.train.compile_train_step)    -> images/s
+  frozen  trunk in inference mode, no trunk gradient (encoder_mode='frozen')      -> images/s
+  cached  decoder only, on precomputed pooled 2048-d trunk features: a jitted step over
+          `decode_from_features` with capjax's optimizer                          -> captions/s
+plus, as a yardstick, the PyTorch eager reference's train and cached steps (--torch_modes, float32).
+
+Compile time is measured apart (lower + compile); warm-up steps run the compiled step and are not
+timed; the timed steps end with `block_until_ready`. FLOPs per step come from XLA's
+`cost_analysis()` of the compiled step plus the LSTM recurrence steps that XLA does not see (it
+counts a while-loop body once); `--flops=analytic` uses the closed-form estimate instead. MFU is
+shown where the chip's peak is known (benchmarks/harness.py), else n/a.
+
+`--with_pipeline` feeds the image modes from capjax's real grain pipeline (500x375 JPEGs, full
+augmentation) and reports the fraction of the loop's wall time spent waiting in `next(iterator)`.
+
+  python -m benchmarks.train_throughput                       # small CPU defaults, ~3 min
+  python -m benchmarks.train_throughput --batch_size=256 --decoder_batch_size=8192 --steps=50
+  python -m benchmarks.train_throughput --modes=train --dtypes=bfloat16 --with_pipeline \
+      --pipeline_workers=8 --torch_modes=
+"""
+
+import functools
+import os
+import sys
+import time
+
+if __package__ in (None, ''):  # run as `python benchmarks/train_throughput.py`
+  sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# torch shares the GPU with jax in this process: keep jax from preallocating 75% of its memory.
+os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from benchmarks import harness
+from capjax import input_pipeline
+from capjax import mesh as mesh_lib
+from capjax import train
+from capjax import vocab as vocab_lib
+from capjax.models import captioner
+from configs import default
+
+_MODES = flags.DEFINE_list('modes', ['train', 'frozen', 'cached'], 'Encoder modes to measure.')
+_DTYPES = flags.DEFINE_list('dtypes', ['float32', 'bfloat16'], 'Compute dtypes (params stay float32).')
+_IMAGE_SIZE = flags.DEFINE_integer('image_size', 224, 'Square image side in pixels.')
+_BATCH = flags.DEFINE_integer('batch_size', 0, 'Global batch for the image modes; 0: 4 per device '
+                              'on CPU, 256 per device on accelerators.')
+_DECODER_BATCH = flags.DEFINE_integer('decoder_batch_size', 0, 'Global batch for the cached mode; '
+                                      '0: 256 per device on CPU, 4096 per device on accelerators.')
+_STEPS = flags.DEFINE_integer('steps', 0, 'Timed steps; 0: 2 on CPU, 50 on accelerators.')
+_WARMUP = flags.DEFINE_integer('warmup', 1, 'Untimed steps after compiling.')
+_UNROLLS = flags.DEFINE_list('lstm_unroll', ['1'], 'LSTM scan unroll factors (e.g. 1,4,8): each '
+                             'one is a separate row.')
+_VOCAB = flags.DEFINE_integer('vocab_size', 5507, 'Vocabulary size (5,507: the seed on Flickr8k).')
+_MAX_LEN = flags.DEFINE_integer('max_caption_len', 24, 'Tokens per caption incl. <START>/<END>.')
+_FLOPS = flags.DEFINE_enum('flops', 'xla', ['xla', 'analytic'], 'How FLOPs per step are counted.')
+_WITH_PIPELINE = flags.DEFINE_bool('with_pipeline', False, 'Image modes: feed steps from the grain '
+                                   'pipeline and report the time spent waiting for data.')
+_PIPELINE_WORKERS = flags.DEFINE_integer('pipeline_workers', 0, 'grain worker processes.')
+_PIPELINE_IMAGES = flags.DEFINE_integer('pipeline_images', 64, 'Distinct JPEGs in the pipeline source.')
+_TORCH_MODES = flags.DEFINE_list('torch_modes', ['train', 'cached'], 'Modes (train, cached) also '
+                                 'timed with the PyTorch eager reference (float32) as a yardstick.')
+_TORCH_THREADS = flags.DEFINE_integer('torch_threads', 0, 'torch intra-op threads; 0: its default.')
+_OUTPUT = flags.DEFINE_string('output', None, 'JSON path; default benchmarks/results/train_throughput.json.')
+
+RESNET50_FWD_FLOPS_224 = 8.2e9  # 4.1 G multiply-adds (the often quoted "4.1 GFLOPs") = 8.2 GFLOPs
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def _on_cpu() -> bool:
+  return jax.default_backend() == 'cpu'
+
+
+def _batch_size(flag: int, cpu: int, accelerator: int) -> int:
+  return flag or jax.device_count() * (cpu if _on_cpu() else accelerator)
+
+
+# ----------------------------------------------------------------------------------------------
+# FLOP counting
+
+
+def _lstm_step_flops(hidden: int) -> float:
+  return 2 * hidden * 4 * hidden  # the recurrent (H x 4H) matmul; gates are negligible
+
+
+def analytic_flops_per_example(mode: str, image_size: int, vocab: int, max_len: int,
+                               hidden: int = 256, embed: int = 256) -> float:
+  """Closed-form training FLOPs per (image, caption) example: backward = 2x forward."""
+  positions = max_len  # image vector + max_len - 1 input tokens
+  decoder_fwd = (positions * 2 * embed * 4 * hidden  # input projection, outside the recurrence
+                 + positions * _lstm_step_flops(hidden)
+                 + (positions - 1) * 2 * hidden * vocab  # readout
+                 + 2 * 2048 * embed)  # projection of the pooled features
+  trunk_fwd = RESNET50_FWD_FLOPS_224 * (image_size / 224) ** 2
+  trunk = {'train': 3 * trunk_fwd, 'frozen': trunk_fwd, 'cached': 0.0}[mode]
+  return trunk + 3 * decoder_fwd
+
+
+def xla_flops(compiled, num_devices: int) -> float | None:
+  """FLOPs of one step as XLA counts them (per device program x devices), or None."""
+  try:
+    analysis = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except  (not every backend implements it)
+    return None
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else None
+  if not analysis or 'flops' not in analysis:
+    return None
+  return float(analysis['flops']) * num_devices
+
+
+def uncounted_scan_flops(batch: int, max_len: int, unroll: int, hidden: int = 256) -> float:
+  """The recurrence steps XLA's cost analysis misses: it counts the scan's while-loop body (unroll
+  steps) once, forward and backward (the backward pass costs about twice the forward)."""
+  return 3 * batch * max(max_len - unroll, 0) * _lstm_step_flops(hidden)
+
+
+# ----------------------------------------------------------------------------------------------
+# Steps and inputs
+
+
+def decoder_train_step(state, batch, *, model, tx):
+  """The 'cached' mode step: decoder (+ feature projection) on pooled trunk features."""
+  def loss_fn(params):
+    logits, updates = model.apply(
+        {'params': params, 'batch_stats': state.batch_stats}, batch['features'],
+        batch['tokens'][:, :-1], train=True, mutable=['batch_stats'],
+        method=model.decode_from_features)
+    loss_sum, count = train.token_cross_entropy(logits, batch['tokens'])
+    return loss_sum / jnp.maximum(count, 1.0), updates['batch_stats']
+
+  (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                       batch_stats=batch_stats, opt_state=opt_state), {'loss': loss}
+
+
+def create_decoder_state(model, tx, max_len: int, mesh) -> train.TrainState:
+  """Only the parameters the cached mode trains: projection, its BatchNorm and the decoder."""
+  def init(rng):
+    variables = model.init(rng, jnp.zeros((1, 2048)), jnp.zeros((1, max_len - 1), jnp.int32),
+                           train=False, method=model.decode_from_features)
+    return train.TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
+                            batch_stats=variables['batch_stats'],
+                            opt_state=tx.init(variables['params']), rng=rng)
+  return jax.jit(init, out_shardings=mesh_lib.replicated(mesh))(jax.random.PRNGKey(0))
+
+
+def random_tokens(rng: np.random.Generator, batch: int, max_len: int, vocab: int) -> np.ndarray:
+  """Caption-like rows: <START>, 8-18 words, <END>, then <PAD>."""
+  tokens = np.full((batch, max_len), vocab_lib.PAD_ID, np.int32)
+  for row in tokens:
+    longest = min(18, max_len - 2)
+    n = int(rng.integers(min(8, longest), longest + 1))
+    row[:n + 2] = [vocab_lib.START_ID, *rng.integers(4, vocab, n), vocab_lib.END_ID]
+  return tokens
+
+
+def synthetic_batch(mode: str, batch: int, image_size: int, max_len: int, vocab: int) -> dict:
+  rng = np.random.default_rng(0)
+  out = {'tokens': random_tokens(rng, batch, max_len, vocab)}
+  if mode == 'cached':
+    out['features'] = rng.random((batch, 2048), np.float32)  # pooled post-ReLU features are >= 0
+  else:
+    out['image'] = rng.integers(0, 256, (batch, image_size, image_size, 3), np.uint8)
+  return out
+
+
+def build_step(mode: str, dtype: str, unroll: int, mesh):
+  """(jitted step, initial state) for one configuration."""
+  model = captioner.Captioner(vocab_size=_VOCAB.value, lstm_unroll=unroll,
+                              trunk_mode='frozen' if mode == 'frozen' else 'train',
+                              dtype=DTYPES[dtype])
+  train_cfg = default.get_config().train
+  tx = train.make_optimizer(train_cfg, train.make_schedule(train_cfg, 100, 1000),
+                            'train' if mode == 'train' else 'frozen')
+  if mode == 'cached':
+    shardings = (mesh_lib.replicated(mesh), mesh_lib.batch_sharded(mesh))
+    step = jax.jit(functools.partial(decoder_train_step, model=model, tx=tx), in_shardings=shardings,
+                   out_shardings=(shardings[0], shardings[0]), donate_argnums=(0,))
+    return step, create_decoder_state(model, tx, _MAX_LEN.value, mesh)
+  state = train.create_train_state(model, tx, 0, _IMAGE_SIZE.value, _MAX_LEN.value, mesh)
+  return train.compile_train_step(model, tx, mesh), state
+
+
+# ----------------------------------------------------------------------------------------------
+# Measuring
+
+
+def time_steps(compiled, state, batches, warmup: int, steps: int):
+  """Runs warmup + steps; `batches` yields device batches. Returns (state, seconds, wait seconds)."""
+  for _ in range(warmup):
+    state, metrics = compiled(state, next(batches)[0])
+  jax.block_until_ready((state, metrics))
+  waited, start = 0.0, time.perf_counter()
+  for _ in range(steps):
+    batch, wait = next(batches)
+    waited += wait
+    state, metrics = compiled(state, batch)
+  jax.block_until_ready((state, metrics))
+  return state, time.perf_counter() - start, waited
+
+
+def repeat_batch(batch):
+  while True:
+    yield batch, 0.0
+
+
+def pipeline_batches(iterator, mesh):
+  """Device batches from the grain iterator, with the seconds spent in `next(iterator)`."""
+  try:
+    while True:
+      start = time.perf_counter()
+      host = next(iterator)
+      wait = time.perf_counter() - start
+      yield mesh_lib.host_batch_to_global(host, mesh), wait
+  finally:
+    iterator.close()  # stops grain's worker processes and frees their shared memory
+
+
+def make_pipeline(batch: int):
+  records = harness.flickr_like_records(_PIPELINE_IMAGES.value)
+  vocab = vocab_lib.build_vocabulary((c for r in records for c in r['captions']), min_count=1)
+  return input_pipeline.make_train_iterator(
+      records, vocab, image_size=_IMAGE_SIZE.value, max_caption_len=_MAX_LEN.value,
+      host_batch_size=batch // jax.process_count(), captions_per_image=5,
+      augment=input_pipeline.AugmentConfig(), seed=0, num_workers=_PIPELINE_WORKERS.value)
+
+
+def measure(mode: str, dtype: str, unroll: int, mesh) -> dict:
+  image_mode = mode != 'cached'
+  batch = (_batch_size(_BATCH.value, 4, 256) if image_mode
+           else _batch_size(_DECODER_BATCH.value, 256, 4096))
+  steps = _STEPS.value or (2 if _on_cpu() else 50)
+  step_fn, state = build_step(mode, dtype, unroll, mesh)
+  host_batch = synthetic_batch(mode, batch, _IMAGE_SIZE.value, _MAX_LEN.value, _VOCAB.value)
+  device_batch = mesh_lib.host_batch_to_global(host_batch, mesh)
+
+  start = time.perf_counter()
+  compiled = step_fn.lower(state, device_batch).compile()
+  compile_s = time.perf_counter() - start
+
+  with_pipeline = _WITH_PIPELINE.value and image_mode
+  batches = (pipeline_batches(make_pipeline(batch), mesh) if with_pipeline
+             else repeat_batch(device_batch))
+  _, seconds, waited = time_steps(compiled, state, batches, _WARMUP.value, steps)
+  batches.close()
+
+  analytic = analytic_flops_per_example(mode, _IMAGE_SIZE.value, _VOCAB.value, _MAX_LEN.value) * batch
+  counted = xla_flops(compiled, mesh.devices.size) if _FLOPS.value == 'xla' else None
+  if counted is not None:
+    counted += uncounted_scan_flops(batch, _MAX_LEN.value, unroll)
+  flops, source = (counted, 'xla') if counted is not None else (analytic, 'analytic')
+  peak = harness.peak_flops(jax.devices()[0].device_kind, dtype)
+  step_s = seconds / steps
+  return {
+      'mode': mode, 'dtype': dtype, 'unroll': unroll, 'batch': batch, 'steps': steps,
+      'compile_s': compile_s, 'step_ms': 1e3 * step_s, 'per_s': batch / step_s,
+      'unit': 'images/s' if image_mode else 'captions/s',
+      'gflop_per_example': flops / batch / 1e9, 'flops_source': source,
+      'analytic_gflop_per_example': analytic / batch / 1e9,
+      'mfu': flops / step_s / (peak * mesh.devices.size) if peak else None,
+      'data_wait_fraction': waited / seconds if with_pipeline else None,
+  }
+
+
+def torch_loss_fn(model, mode: str, batch: dict):
+  """The torch reference's teacher-forced loss: from images ('train') or pooled features ('cached')."""
+  import torch  # pylint: disable=g-import-not-at-top  (optional dependency)
+  tokens = batch['tokens']
+  if mode == 'train':
+    logits = model(batch['image'], tokens[:, :-1])
+  else:
+    image_vec = model.projection_bn(model.projection(batch['features']))
+    hidden, _ = model.lstm(torch.cat([image_vec[:, None], model.embed(tokens[:, :-1])], dim=1))
+    logits = model.readout(hidden[:, 1:])
+  return torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(),
+                                           ignore_index=vocab_lib.PAD_ID)
+
+
+def measure_torch(mode: str, mesh) -> dict:
+  """The torch reference's step (float32, eager, one device): loss, backward, clipping, AdamW over
+  what the mode trains (everything for 'train'; all but the trunk for 'cached')."""
+  import torch  # pylint: disable=g-import-not-at-top  (optional dependency)
+  from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top
+  if mode not in ('train', 'cached'):
+    raise ValueError(f'--torch_modes: expected train and/or cached, got {mode!r}')
+  device = 'cuda' if torch.cuda.is_available() else 'cpu'
+  sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
+  image_mode = mode == 'train'
+  batch = (_batch_size(_BATCH.value, 4, 256) if image_mode
+           else _batch_size(_DECODER_BATCH.value, 256, 4096)) // mesh.devices.size  # per device
+  host = synthetic_batch(mode, batch, _IMAGE_SIZE.value, _MAX_LEN.value, _VOCAB.value)
+  inputs = {k: torch.from_numpy(v).to(device) for k, v in host.items()}
+  inputs['tokens'] = inputs['tokens'].long()
+  model = torch_reference.random_reference(_VOCAB.value).to(device).train()
+  params = [p for name, p in model.named_parameters() if image_mode or not name.startswith('trunk')]
+  optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4)
+
+  def step():
+    loss = torch_loss_fn(model, mode, inputs)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 5.0)
+    optimizer.step()
+
+  for _ in range(_WARMUP.value):
+    step()
+  sync()
+  steps = _STEPS.value or (2 if _on_cpu() else 50)
+  start = time.perf_counter()
+  for _ in range(steps):
+    step()
+  sync()
+  step_s = (time.perf_counter() - start) / steps
+  flops = analytic_flops_per_example(mode, _IMAGE_SIZE.value, _VOCAB.value, _MAX_LEN.value)
+  peak = harness.peak_flops(torch.cuda.get_device_name() if device == 'cuda' else 'cpu', 'float32')
+  return {'mode': f'{mode} (torch eager)', 'dtype': 'float32', 'batch': batch, 'steps': steps,
+          'step_ms': 1e3 * step_s, 'per_s': batch / step_s,
+          'unit': 'images/s' if image_mode else 'captions/s',
+          'gflop_per_example': flops / 1e9, 'flops_source': 'analytic',
+          'mfu': flops * batch / step_s / peak if peak else None, 'data_wait_fraction': None,
+          'torch_threads': harness.set_torch_threads(_TORCH_THREADS.value)}
+
+
+def main(argv):
+  del argv
+  before = harness.idle_check()
+  print(f'before the run: {harness.describe_load(before)}')
+  mesh = mesh_lib.make_mesh()
+  monitor = harness.LoadMonitor()
+  rows = []
+  for mode in _MODES.value:
+    for dtype in _DTYPES.value:
+      for unroll in (int(u) for u in _UNROLLS.value):
+        row = measure(mode, dtype, unroll, mesh)
+        print(f"  {mode} {dtype} unroll={unroll}: {row['per_s']:,.1f} {row['unit']} "
+              f"(compile {row['compile_s']:.1f} s)", flush=True)
+        rows.append(row)
+  if _TORCH_MODES.value:
+    harness.set_torch_threads(_TORCH_THREADS.value)
+  for mode in _TORCH_MODES.value:
+    rows.append(measure_torch(mode, mesh))
+    print(f"  torch eager {mode} float32: {rows[-1]['per_s']:,.1f} {rows[-1]['unit']} "
+          f"({rows[-1]['torch_threads']} threads)", flush=True)
+  load = monitor.report()
+  print()
+  for row in rows:
+    row['mfu_%'] = 'n/a' if row['mfu'] is None else round(100 * row['mfu'], 1)
+    row['wait_%'] = None if row['data_wait_fraction'] is None else round(100 * row['data_wait_fraction'], 1)
+  columns = ['mode', 'dtype', 'unroll', 'batch', 'compile_s', 'step_ms', 'per_s', 'unit',
+             'gflop_per_example', 'flops_source', 'mfu_%', 'torch_threads']
+  if _WITH_PIPELINE.value:
+    columns.append('wait_%')
+  harness.print_table(rows, columns)
+  print(f'\n{harness.machine_info()}\n{harness.describe_load(load)}')
+  harness.write_json(_OUTPUT.value or harness.default_output(__file__), {
+      'benchmark': 'train_throughput', 'argv': sys.argv, 'machine': harness.machine_info(),
+      'load_before': before, 'load_during': load, 'image_size': _IMAGE_SIZE.value,
+      'vocab_size': _VOCAB.value, 'max_caption_len': _MAX_LEN.value,
+      'pipeline_workers': _PIPELINE_WORKERS.value if _WITH_PIPELINE.value else None, 'rows': rows})
+
+
+if __name__ == '__main__':
+  app.run(main)
