@@ -5,13 +5,15 @@ import os
 import subprocess
 import sys
 
-import portpicker
+import socket
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def test_two_process_training_agrees_and_checkpoints(tmp_path):
-  port = portpicker.pick_unused_port()
+  with socket.socket() as probe:  # a free local port for the coordinator (127.0.0.1 only)
+    probe.bind(('127.0.0.1', 0))
+    port = probe.getsockname()[1]
   workdir = str(tmp_path / 'workdir')
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   procs = [subprocess.Popen([sys.executable, os.path.join(HERE, 'multihost_worker.py'), str(i),
