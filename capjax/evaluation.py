@@ -5,7 +5,6 @@ import json
 import os
 
 import jax
-import numpy as np
 
 from capjax import inference
 from capjax import input_pipeline

@@ -12,6 +12,7 @@ import json
 import os
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from capjax import input_pipeline
@@ -40,7 +41,7 @@ def extract_pooled_features(model, variables, source, mesh, *, image_size: int,
                                               process_count=jax.process_count()):
     images = mesh_lib.host_batch_to_global({'image': batch['image']}, mesh)['image']
     features = np.asarray(jax.device_get(extract(variables, images)))
-    indices = jax.experimental.multihost_utils.process_allgather(batch['index'], tiled=True)
+    indices = multihost_utils.process_allgather(batch['index'], tiled=True)
     rows.update((int(i), f) for i, f in zip(indices, features) if i >= 0)
   return np.stack([rows[i] for i in range(len(source))]).astype(np.float32)
 

@@ -2,12 +2,9 @@
 
 from collections.abc import Callable, Mapping
 import functools
-import json
 import os
-import time
 from typing import Any
 
-from absl import logging
 import flax
 import flax.linen as nn
 import jax
