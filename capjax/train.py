@@ -1,6 +1,7 @@
 """Pure train/eval steps, state creation, and the sharded, resumable training loop."""
 
 from collections.abc import Callable, Mapping
+import dataclasses
 import functools
 import os
 from typing import Any
@@ -196,18 +197,18 @@ def evaluate_loss(eval_fn, state, batches, mesh) -> float:
 # ----------------------------------------------------------------------------------------------
 
 
-@flax.struct.dataclass
+@dataclasses.dataclass(frozen=True)
 class _Run:
-  """Everything the loop needs that does not change during training (not a pytree of arrays)."""
-  config: Any = flax.struct.field(pytree_node=False)
-  workdir: str = flax.struct.field(pytree_node=False)
-  vocab: Any = flax.struct.field(pytree_node=False)
-  model: Any = flax.struct.field(pytree_node=False)
-  mesh: Any = flax.struct.field(pytree_node=False)
-  splits: Any = flax.struct.field(pytree_node=False)  # image sources (captioning metrics)
-  loss_sources: Any = flax.struct.field(pytree_node=False)  # what the loss pipelines read
-  steps_per_epoch: int = flax.struct.field(pytree_node=False)
-  total_steps: int = flax.struct.field(pytree_node=False)
+  """Everything the loop needs that does not change during training."""
+  config: Any
+  workdir: str
+  vocab: Any
+  model: Any
+  mesh: Any
+  splits: Any  # image sources (captioning metrics)
+  loss_sources: Any  # what the loss pipelines read: the images, or cached features
+  steps_per_epoch: int
+  total_steps: int
 
 
 def _steps_per_epoch(config, num_train_images: int) -> int:
