@@ -20,16 +20,21 @@ def score_captions(results: list[dict], metrics=('bleu', 'meteor', 'rouge', 'cid
   return metrics_lib.compute_caption_metrics(candidates, references, metrics=metrics)
 
 
-def caption_metrics_for_split(model, state, vocab, source, mesh, config, *, metrics=('bleu', 'cider'),
-                              max_images: int | None = None, beam_size: int = 1) -> dict:
-  """Greedy (or beam) captions for a split during training, scored; process 0 computes, all return."""
+def caption_split(model, state, vocab, source, mesh, config, *, max_images: int | None = None,
+                  beam_size: int = 1) -> list[dict]:
+  """Greedy (or beam) captions of a split by the model in a train state (see caption_source)."""
   caption_fn = inference.make_caption_fn(model, mesh, max_len=config.data.max_caption_len - 1,
                                          beam_size=beam_size)
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  results = inference.caption_source(caption_fn, variables, source, vocab, mesh,
-                                     image_size=config.data.image_size,
-                                     batch_size=config.train.eval_batch_size, max_images=max_images)
-  return score_captions(results, metrics)
+  return inference.caption_source(caption_fn, state.variables, source, vocab, mesh,
+                                   image_size=config.data.image_size,
+                                   batch_size=config.train.eval_batch_size, max_images=max_images)
+
+
+def caption_metrics_for_split(model, state, vocab, source, mesh, config, *, metrics=('bleu', 'cider'),
+                              max_images: int | None = None, beam_size: int = 1) -> dict:
+  """Captions for a split during training, scored."""
+  return score_captions(caption_split(model, state, vocab, source, mesh, config, max_images=max_images,
+                                      beam_size=beam_size), metrics)
 
 
 def most_common_caption_baseline(train_source, results: list[dict]) -> dict:
@@ -103,19 +108,9 @@ def final_report(result: dict, config, workdir: str, splits, *, num_examples: in
   """After training: held-out loss, example captions next to references, BLEU-4 vs a trivial
   baseline (what `python launch.py` prints at the end of the demo)."""
   state, vocab, model, mesh = result['state'], result['vocab'], result['model'], result['mesh']
-  eval_fn = train_lib.compile_eval_step(model, mesh)
-  batches = input_pipeline.eval_pair_batches(
-      splits['test'], vocab, image_size=config.data.image_size,
-      max_caption_len=config.data.max_caption_len,
-      host_batch_size=mesh_lib.check_batch_size(config.train.eval_batch_size, mesh, 'eval_batch_size'),
-      captions_per_image=config.data.captions_per_image, process_index=jax.process_index(),
-      process_count=jax.process_count())
-  test_loss = train_lib.evaluate_loss(eval_fn, state, batches, mesh)
-  caption_fn = inference.make_caption_fn(model, mesh, max_len=config.data.max_caption_len - 1)
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  results = inference.caption_source(caption_fn, variables, splits['test'], vocab, mesh,
-                                     image_size=config.data.image_size,
-                                     batch_size=config.train.eval_batch_size)
+  test_loss = train_lib.split_loss(config, vocab, train_lib.compile_eval_step(model, mesh), state,
+                                   splits['test'], mesh)
+  results = caption_split(model, state, vocab, splits['test'], mesh, config)
   scores = score_captions(results, ('bleu', 'cider'))
   baseline, baseline_caption = most_common_caption_baseline(splits['train'], results)
   lines = [f'Test loss (per token): {test_loss:.4f}', 'Held-out test images (greedy):']

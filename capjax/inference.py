@@ -115,7 +115,7 @@ def restore_variables(workdir: str, checkpoint: str | int | None, mesh, *, confi
     raise ValueError(f'checkpoint {step} in {workdir} does not match its config.json/vocab.json '
                      f'(vocabulary of {len(vocab)} tokens): {e}') from e
   checkpointer.close()
-  return config, vocab, model, {'params': state.params, 'batch_stats': state.batch_stats}, step
+  return config, vocab, model, state.variables, step
 
 
 def load_image(image: Any) -> Image.Image:

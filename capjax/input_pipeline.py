@@ -267,45 +267,53 @@ def _chunks(iterable, size: int) -> Iterator[list]:
     yield chunk
 
 
+def _equal_count_chunks(ds, *, total: int, host_batch_size: int, process_count: int, filler):
+  """Chunks of up to `host_batch_size` examples of this host's slice `ds` (a MapDataset), as
+  (chunk, real). Every host yields ceil(ceil(total / process_count) / host_batch_size) chunks so the
+  sharded steps line up; a host that runs out first repeats its last chunk (or `[filler()]`) with
+  real=False, for the caller to give weight 0."""
+  remaining = math.ceil(math.ceil(total / process_count) / host_batch_size)
+  last = None
+  for chunk in _chunks(ds.to_iter_dataset(read_options(4, 2 * host_batch_size)), host_batch_size):
+    last = chunk
+    remaining -= 1
+    yield chunk, True
+  for _ in range(remaining):
+    yield (last or [filler()]), False
+
+
 def eval_pair_batches(source, vocab, *, image_size: int, max_caption_len: int, host_batch_size: int,
                       captions_per_image: int, process_index: int = 0,
                       process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
   """Every (image, caption k) pair of the split once, in order, padded batches with 'weight'.
   Every host yields the same number of batches (padding with weight 0) so collectives line up."""
   total = len(source) * captions_per_image
-  num_batches = math.ceil(math.ceil(total / process_count) / host_batch_size)
+  to_example = EvalExample(vocab, image_size, max_caption_len)
   ds = grain.MapDataset.range(total)[process_index::process_count]
-  ds = ds.map(LookupPair(source, captions_per_image))
-  ds = ds.map(EvalExample(vocab, image_size, max_caption_len))
-  last = None
-  for chunk in _chunks(ds.to_iter_dataset(read_options(4, 2 * host_batch_size)), host_batch_size):
-    last = pad_batch(chunk, host_batch_size)
-    yield last
-    num_batches -= 1
-  for _ in range(num_batches):  # this host ran out of pairs before the others: weight-0 batches
-    last = dict(last if last is not None else pad_batch([EvalExample(
-        vocab, image_size, max_caption_len).map((source[0], 0))], host_batch_size))
-    last['weight'] = np.zeros_like(last['weight'])
-    yield last
+  ds = ds.map(LookupPair(source, captions_per_image)).map(to_example)
+  for chunk, real in _equal_count_chunks(ds, total=total, host_batch_size=host_batch_size,
+                                         process_count=process_count,
+                                         filler=lambda: to_example.map((source[0], 0))):
+    batch = pad_batch(chunk, host_batch_size)
+    if not real:
+      batch['weight'][:] = 0
+    yield batch
 
 
 def caption_batches(source, *, image_size: int, host_batch_size: int, process_index: int = 0,
                     process_count: int = 1) -> Iterator[dict[str, Any]]:
   """One example per image: {'image' (B,S,S,3) uint8, 'index' (-1 = padding), 'weight',
   'image_id': list, 'references': list}. Every host yields the same number of batches."""
+  to_example = ImageForCaptioning(image_size)
   ds = grain.MapDataset.range(len(source))[process_index::process_count]
-  ds = ds.map(lambda i: (int(i), source[int(i)])).map(ImageForCaptioning(image_size))
-  num_batches = math.ceil(math.ceil(len(source) / process_count) / host_batch_size)
-  chunk = None
-  for chunk in _chunks(ds.to_iter_dataset(read_options(4, 2 * host_batch_size)), host_batch_size):
+  ds = ds.map(lambda i: (int(i), source[int(i)])).map(to_example)
+  for chunk, real in _equal_count_chunks(ds, total=len(source), host_batch_size=host_batch_size,
+                                         process_count=process_count,
+                                         filler=lambda: to_example.map((0, source[0]))):
     batch = pad_batch(chunk, host_batch_size)
-    batch['image_id'] = [e['image_id'] for e in chunk]
-    batch['references'] = [e['references'] for e in chunk]
-    num_batches -= 1
-    yield batch
-  for _ in range(num_batches):  # this host ran out of images before the others
-    batch = pad_batch(chunk or [ImageForCaptioning(image_size).map((0, source[0]))], host_batch_size)
-    batch['weight'][:] = 0
-    batch['index'][:] = -1
-    batch['image_id'], batch['references'] = [], []
+    batch['image_id'] = [e['image_id'] for e in chunk] if real else []
+    batch['references'] = [e['references'] for e in chunk] if real else []
+    if not real:
+      batch['weight'][:] = 0
+      batch['index'][:] = -1
     yield batch

@@ -45,11 +45,13 @@ def host_batch_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[st
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
 
 
-def prefetch_to_mesh(batches, mesh: Mesh, size: int = 2):
-  """Keeps `size` batches in flight to the devices so the host copy overlaps the previous step."""
+def prefetch_to_mesh(items, mesh: Mesh, size: int = 2):
+  """(host batch, tag) pairs -> (global batch, tag), keeping `size` batches in flight to the devices
+  so the copy overlaps the running step. The tag travels untouched (the training loop pairs each
+  batch with the data-iterator state taken right after it)."""
   queue = []
-  for batch in batches:
-    queue.append(host_batch_to_global(batch, mesh))
+  for batch, tag in items:
+    queue.append((host_batch_to_global(batch, mesh), tag))
     if len(queue) > size:
       yield queue.pop(0)
   yield from queue

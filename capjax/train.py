@@ -31,6 +31,11 @@ class TrainState:
   opt_state: Any
   rng: jax.Array  # raw uint32 key data: saved and restored like any array
 
+  @property
+  def variables(self) -> dict:
+    """What `model.apply` takes."""
+    return {'params': self.params, 'batch_stats': self.batch_stats}
+
 
 # ----------------------------------------------------------------------------------------------
 # Optimiser
@@ -123,7 +128,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.M
 
 def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.Module) -> dict:
   """Summed loss and token count; examples with weight 0 (batch padding) do not count."""
-  logits = _apply_model(model, {'params': state.params, 'batch_stats': state.batch_stats}, batch,
+  logits = _apply_model(model, state.variables, batch,
                         train=False)
   loss_sum, count = token_cross_entropy(logits, batch['tokens'], batch['weight'])
   return {'loss_sum': loss_sum, 'tokens': count}
@@ -181,10 +186,20 @@ def compile_eval_step(model, mesh) -> Callable:
                  out_shardings=replicated)
 
 
+def split_loss(config, vocab, eval_fn, state, source, mesh) -> float:
+  """Mean next-token loss over every (image, caption) pair of `source`."""
+  batches = input_pipeline.eval_pair_batches(
+      source, vocab, image_size=config.data.image_size, max_caption_len=config.data.max_caption_len,
+      host_batch_size=mesh_lib.check_batch_size(config.train.eval_batch_size, mesh, 'eval_batch_size'),
+      captions_per_image=config.data.captions_per_image, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  return evaluate_loss(eval_fn, state, batches, mesh)
+
+
 def evaluate_loss(eval_fn, state, batches, mesh) -> float:
   """Mean next-token loss over every (image, caption) pair of a split."""
   totals = []
-  for batch in mesh_lib.prefetch_to_mesh(batches, mesh):
+  for batch, _ in mesh_lib.prefetch_to_mesh(((b, None) for b in batches), mesh):
     totals.append(eval_fn(state, batch))
   totals = jax.device_get(totals)
   loss_sum = sum(float(t['loss_sum']) for t in totals)
@@ -234,16 +249,6 @@ def _train_iterator(run: _Run):
       prefetch_batches=cfg.data.prefetch_batches)
 
 
-def _val_loss_batches(run: _Run, split: str):
-  cfg = run.config
-  return input_pipeline.eval_pair_batches(
-      run.loss_sources[split], run.vocab, image_size=cfg.data.image_size,
-      max_caption_len=cfg.data.max_caption_len,
-      host_batch_size=mesh_lib.check_batch_size(cfg.train.eval_batch_size, run.mesh, 'eval_batch_size'),
-      captions_per_image=cfg.data.captions_per_image, process_index=jax.process_index(),
-      process_count=jax.process_count())
-
-
 def _draw_batches(iterator, count: int):
   """Pulls `count` host batches, each with the iterator state right after it (for exact resume)."""
   for _ in range(count):
@@ -255,7 +260,8 @@ def _epoch_end(run: _Run, state, eval_fn, epoch: int, train_loss: float, checkpo
                data_state, writer) -> None:
   cfg = run.config
   record = {'epoch': epoch, 'step': int(state.step), 'train_loss': train_loss,
-            'val_loss': evaluate_loss(eval_fn, state, _val_loss_batches(run, 'validation'), run.mesh)}
+            'val_loss': split_loss(cfg, run.vocab, eval_fn, state, run.loss_sources['validation'],
+                                   run.mesh)}
   every = cfg.train.metrics_every_epochs
   if every and (epoch % every == 0 or int(state.step) >= run.total_steps):
     from capjax import evaluation  # pylint: disable=g-import-not-at-top
@@ -273,7 +279,7 @@ def _with_pretrained_trunk(state: TrainState, path: str, mesh) -> TrainState:
   """Puts imported ImageNet trunk weights into a fresh state (Adam moments start at zero either way)."""
   from capjax import pretrained  # pylint: disable=g-import-not-at-top  (torch is optional)
   variables = pretrained.load_encoder_init(
-      os.path.expanduser(path), {'params': state.params, 'batch_stats': state.batch_stats})
+      os.path.expanduser(path), state.variables)
   reporting.say(f'Initialised the ResNet trunk from {path}.')
   return state.replace(params=mesh_lib.tree_replicate(variables['params'], mesh),
                        batch_stats=mesh_lib.tree_replicate(variables['batch_stats'], mesh))
@@ -291,7 +297,7 @@ def _loss_sources(config, workdir, model, state, splits, mesh) -> dict:
   if not config.model.encoder_init:
     reporting.say('encoder_mode=cached without encoder_init: the cached features come from a '
                   'randomly initialised trunk.')
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  variables = state.variables
   sources = {}
   for split in ('train', 'validation'):
     rows = features.load_or_extract(
@@ -388,14 +394,9 @@ def _train_loop(run: _Run, state, train_fn_for_step, eval_fn, train_iter, checkp
     return fetched
 
   # Batches go to the devices one step ahead: the copy (and the next host batch) overlap the step.
-  drawn = _draw_batches(train_iter, run.total_steps - start_step)
-  upcoming = None
-  for step in range(start_step, run.total_steps):
-    if upcoming is None:
-      upcoming = _to_devices(next(drawn), run.mesh)
-    (batch, data_state), upcoming = upcoming, None
-    if step + 1 < run.total_steps:
-      upcoming = _to_devices(next(drawn), run.mesh)
+  batches = mesh_lib.prefetch_to_mesh(
+      _draw_batches(train_iter, run.total_steps - start_step), run.mesh, size=1)
+  for step, (batch, data_state) in zip(range(start_step, run.total_steps), batches):
     state, metrics = train_fn_for_step(step)(state, batch)
     pending.append(metrics)
     if (step + 1) % cfg.train.log_every_steps == 0 or step + 1 == run.total_steps:
@@ -411,7 +412,3 @@ def _train_loop(run: _Run, state, train_fn_for_step, eval_fn, train_iter, checkp
       checkpointer.save(step + 1, state, data_state)
   return {**step_losses, 'state': state}
 
-
-def _to_devices(drawn_item, mesh):
-  batch, data_state = drawn_item
-  return mesh_lib.host_batch_to_global(batch, mesh), data_state
