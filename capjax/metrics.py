@@ -49,126 +49,126 @@ TOKENIZERS = ('auto', 'ptb', 'python')
 
 def compute_caption_metrics(candidates: Mapping[str, str], references: Mapping[str, Sequence[str]], *,
                             metrics: Iterable[str] = DEFAULT_METRICS, tokenizer: str = 'auto') -> dict[str, float]:
-    """Corpus-level coco-caption scores of one candidate caption per image against its references.
+  """Corpus-level coco-caption scores of one candidate caption per image against its references.
 
-    candidates: image id -> generated caption (raw text). references: image id -> reference captions
-    (raw text); it must cover every candidate id, extra ids are ignored. metrics: any of 'bleu',
-    'meteor', 'rouge', 'cider'. tokenizer: 'ptb' (Java PTBTokenizer, as coco-caption), 'python'
-    (``python_ptb_tokenize``) or 'auto' (PTB when ``java`` is on PATH, else python).
+  candidates: image id -> generated caption (raw text). references: image id -> reference captions
+  (raw text); it must cover every candidate id, extra ids are ignored. metrics: any of 'bleu',
+  'meteor', 'rouge', 'cider'. tokenizer: 'ptb' (Java PTBTokenizer, as coco-caption), 'python'
+  (``python_ptb_tokenize``) or 'auto' (PTB when ``java`` is on PATH, else python).
 
-    Returns a dict with keys among Bleu_1..Bleu_4, METEOR, ROUGE_L, CIDEr. METEOR is left out, with
-    a warning, when Java is missing.
-    """
-    requested = _check_metric_names(metrics)
-    image_ids = _check_image_ids(candidates, references)
-    have_java = shutil.which('java') is not None
-    use_ptb = _resolve_tokenizer(tokenizer, have_java)
+  Returns a dict with keys among Bleu_1..Bleu_4, METEOR, ROUGE_L, CIDEr. METEOR is left out, with
+  a warning, when Java is missing.
+  """
+  requested = _check_metric_names(metrics)
+  image_ids = _check_image_ids(candidates, references)
+  have_java = shutil.which('java') is not None
+  use_ptb = _resolve_tokenizer(tokenizer, have_java)
 
-    # gts/res in pycocoevalcap's layout: image id -> list of tokenised strings.
-    gts = tokenize_captions({i: list(references[i]) for i in image_ids}, use_ptb=use_ptb)
-    res = tokenize_captions({i: [candidates[i]] for i in image_ids}, use_ptb=use_ptb)
+  # gts/res in pycocoevalcap's layout: image id -> list of tokenised strings.
+  gts = tokenize_captions({i: list(references[i]) for i in image_ids}, use_ptb=use_ptb)
+  res = tokenize_captions({i: [candidates[i]] for i in image_ids}, use_ptb=use_ptb)
 
-    if 'meteor' in requested and not have_java:
-        logger.warning('METEOR skipped: it needs Java and `java` is not on PATH.')
-        requested.remove('meteor')
+  if 'meteor' in requested and not have_java:
+    logger.warning('METEOR skipped: it needs Java and `java` is not on PATH.')
+    requested.remove('meteor')
 
-    results = {}
-    for name in requested:
-        results.update(_SCORERS[name](gts, res))
-    return results
+  results = {}
+  for name in requested:
+    results.update(_SCORERS[name](gts, res))
+  return results
 
 
 def format_metrics_table(metrics: Mapping[str, float]) -> str:
-    """Two aligned columns, coco-caption's metric order first, e.g. for logs and reports."""
-    known = [k for keys in METRIC_KEYS.values() for k in keys if k in metrics]
-    names = known + sorted(k for k in metrics if k not in known)
-    if not names:
-        return '(no metrics)'
-    width = max(len(n) for n in names)
-    return '\n'.join(f'{n:<{width}}  {float(metrics[n]):.4f}' for n in names)
+  """Two aligned columns, coco-caption's metric order first, e.g. for logs and reports."""
+  known = [k for keys in METRIC_KEYS.values() for k in keys if k in metrics]
+  names = known + sorted(k for k in metrics if k not in known)
+  if not names:
+    return '(no metrics)'
+  width = max(len(n) for n in names)
+  return '\n'.join(f'{n:<{width}}  {float(metrics[n]):.4f}' for n in names)
 
 
 def tokenize_captions(captions: Mapping[str, Sequence[str]], *, use_ptb: bool) -> dict[str, list[str]]:
-    """image id -> captions, tokenised and punctuation-stripped as coco-caption does (space-joined)."""
-    if use_ptb:
-        # PTBTokenizer's own input layout; it returns image id -> list of tokenised strings.
-        return PTBTokenizer().tokenize({i: [{'caption': c} for c in caps] for i, caps in captions.items()})
-    return {i: [python_ptb_tokenize(c) for c in caps] for i, caps in captions.items()}
+  """image id -> captions, tokenised and punctuation-stripped as coco-caption does (space-joined)."""
+  if use_ptb:
+    # PTBTokenizer's own input layout; it returns image id -> list of tokenised strings.
+    return PTBTokenizer().tokenize({i: [{'caption': c} for c in caps] for i, caps in captions.items()})
+  return {i: [python_ptb_tokenize(c) for c in caps] for i, caps in captions.items()}
 
 
 # ----------------------------------------------------------------------------- argument checks
 
 def _check_metric_names(metrics: Iterable[str]) -> list[str]:
-    requested = [m.lower() for m in ([metrics] if isinstance(metrics, str) else metrics)]
-    if 'spice' in requested:
-        raise ValueError('SPICE is not supported: pycocoevalcap downloads Stanford CoreNLP for it at run time.')
-    unknown = sorted(set(requested) - set(METRIC_KEYS))
-    if unknown:
-        raise ValueError(f'unknown metrics {unknown}; choose from {list(METRIC_KEYS)}')
-    return list(dict.fromkeys(requested))  # de-duplicated, order kept
+  requested = [m.lower() for m in ([metrics] if isinstance(metrics, str) else metrics)]
+  if 'spice' in requested:
+    raise ValueError('SPICE is not supported: pycocoevalcap downloads Stanford CoreNLP for it at run time.')
+  unknown = sorted(set(requested) - set(METRIC_KEYS))
+  if unknown:
+    raise ValueError(f'unknown metrics {unknown}; choose from {list(METRIC_KEYS)}')
+  return list(dict.fromkeys(requested))  # de-duplicated, order kept
 
 
 def _check_image_ids(candidates: Mapping[str, str], references: Mapping[str, Sequence[str]]) -> list[str]:
-    missing = [i for i in candidates if not references.get(i)]
-    if missing:
-        raise ValueError(f'{len(missing)} candidate image ids have no references, e.g. {missing[:3]}')
-    if not candidates:
-        raise ValueError('no candidates to score')
-    not_strings = [i for i, c in candidates.items() if not isinstance(c, str)]
-    if not_strings:
-        raise TypeError(f'candidates must map image id -> one caption string; not for {not_strings[:3]}')
-    return list(candidates)
+  missing = [i for i in candidates if not references.get(i)]
+  if missing:
+    raise ValueError(f'{len(missing)} candidate image ids have no references, e.g. {missing[:3]}')
+  if not candidates:
+    raise ValueError('no candidates to score')
+  not_strings = [i for i, c in candidates.items() if not isinstance(c, str)]
+  if not_strings:
+    raise TypeError(f'candidates must map image id -> one caption string; not for {not_strings[:3]}')
+  return list(candidates)
 
 
 def _resolve_tokenizer(tokenizer: str, have_java: bool) -> bool:
-    """True for the Java PTBTokenizer, False for the python imitation."""
-    if tokenizer not in TOKENIZERS:
-        raise ValueError(f'tokenizer must be one of {TOKENIZERS}, got {tokenizer!r}')
-    if tokenizer == 'ptb' and not have_java:
-        raise RuntimeError("tokenizer='ptb' needs Java, and `java` is not on PATH")
-    if tokenizer == 'auto' and not have_java:
-        logger.warning('Java not found: tokenising captions with the pure-Python PTB imitation '
-                       '(capjax.metrics.python_ptb_tokenize); scores may differ slightly from coco-caption.')
-    return tokenizer == 'ptb' or (tokenizer == 'auto' and have_java)
+  """True for the Java PTBTokenizer, False for the python imitation."""
+  if tokenizer not in TOKENIZERS:
+    raise ValueError(f'tokenizer must be one of {TOKENIZERS}, got {tokenizer!r}')
+  if tokenizer == 'ptb' and not have_java:
+    raise RuntimeError("tokenizer='ptb' needs Java, and `java` is not on PATH")
+  if tokenizer == 'auto' and not have_java:
+    logger.warning('Java not found: tokenising captions with the pure-Python PTB imitation '
+                   '(capjax.metrics.python_ptb_tokenize); scores may differ slightly from coco-caption.')
+  return tokenizer == 'ptb' or (tokenizer == 'auto' and have_java)
 
 
 # ----------------------------------------------------------------------------- scorers
 
 def _bleu(gts, res) -> dict[str, float]:
-    with contextlib.redirect_stdout(io.StringIO()):  # BleuScorer prints its n-gram statistics
-        scores, _ = Bleu(4).compute_score(gts, res)
-    return {k: float(s) for k, s in zip(METRIC_KEYS['bleu'], scores)}
+  with contextlib.redirect_stdout(io.StringIO()):  # BleuScorer prints its n-gram statistics
+    scores, _ = Bleu(4).compute_score(gts, res)
+  return {k: float(s) for k, s in zip(METRIC_KEYS['bleu'], scores)}
 
 
 def _meteor(gts, res) -> dict[str, float]:
-    from pycocoevalcap.meteor.meteor import Meteor  # starts a JVM (~9 s), so only when asked for
-    scorer = Meteor()
-    try:
-        score, _ = scorer.compute_score(gts, res)
-    finally:
-        _stop_meteor(scorer)
-    return {'METEOR': float(score)}
+  from pycocoevalcap.meteor.meteor import Meteor  # starts a JVM (~9 s), so only when asked for
+  scorer = Meteor()
+  try:
+    score, _ = scorer.compute_score(gts, res)
+  finally:
+    _stop_meteor(scorer)
+  return {'METEOR': float(score)}
 
 
 def _stop_meteor(scorer) -> None:
-    # Meteor only stops its JVM in __del__; do it now rather than whenever garbage collection runs.
-    # Its __del__ later repeats this harmlessly (closed pipe, already reaped process).
-    process = scorer.meteor_p
-    process.stdin.close()
-    process.kill()
-    process.wait()
-    process.stdout.close()
-    process.stderr.close()
+  # Meteor only stops its JVM in __del__; do it now rather than whenever garbage collection runs.
+  # Its __del__ later repeats this harmlessly (closed pipe, already reaped process).
+  process = scorer.meteor_p
+  process.stdin.close()
+  process.kill()
+  process.wait()
+  process.stdout.close()
+  process.stderr.close()
 
 
 def _rouge(gts, res) -> dict[str, float]:
-    score, _ = Rouge().compute_score(gts, res)
-    return {'ROUGE_L': float(score)}
+  score, _ = Rouge().compute_score(gts, res)
+  return {'ROUGE_L': float(score)}
 
 
 def _cider(gts, res) -> dict[str, float]:
-    score, _ = Cider().compute_score(gts, res)
-    return {'CIDEr': float(score)}
+  score, _ = Cider().compute_score(gts, res)
+  return {'CIDEr': float(score)}
 
 
 _SCORERS = {'bleu': _bleu, 'meteor': _meteor, 'rouge': _rouge, 'cider': _cider}
@@ -202,46 +202,46 @@ _TOKEN_RE = re.compile(rf"""
 
 
 def python_ptb_tokenize(caption: str) -> str:
-    """Tokenise one caption like PTBTokenizer(-preserveLines -lowerCase) + pycocoevalcap's filter.
+  """Tokenise one caption like PTBTokenizer(-preserveLines -lowerCase) + pycocoevalcap's filter.
 
-    Lower-cases; splits off punctuation and the clitics n't 's 're 've 'll 'd 'm ("don't" -> "do n't",
-    "man's" -> "man 's"); keeps inner hyphens, apostrophes, periods, colons and slashes (t-shirt,
-    o'clock, u.s., 5:30, 1/2); rewrites brackets to -lrb- etc. and quotes/dashes/ellipses to their PTB
-    forms; then drops pycocoevalcap's PUNCTUATIONS. Identical to the Java tokeniser on ordinary
-    captions. Known differences: PTB's long abbreviation list (we keep only initialisms and a few
-    titles such as mr. / st. / etc.); rare contractions ("y'all" -> PTB "y' all", "'tis" -> "'t is",
-    "rock 'n' roll"); unit splitting beyond "10:30am"; tokens that start with a symbol ("@home",
-    "dog,2" -> PTB ",2").
-    """
-    text = caption.replace('\n', ' ').lower()
-    text = ''.join(_CHAR_REWRITES.get(ch, ch) for ch in text)
-    tokens = []
-    for token in _merge_abbreviations(_TOKEN_RE.findall(text)):
-        tokens.extend(_split_clitics(token))
-    tokens = [_normalise_token(t) for t in tokens]
-    return ' '.join(t for t in tokens if t not in PUNCTUATIONS)
+  Lower-cases; splits off punctuation and the clitics n't 's 're 've 'll 'd 'm ("don't" -> "do n't",
+  "man's" -> "man 's"); keeps inner hyphens, apostrophes, periods, colons and slashes (t-shirt,
+  o'clock, u.s., 5:30, 1/2); rewrites brackets to -lrb- etc. and quotes/dashes/ellipses to their PTB
+  forms; then drops pycocoevalcap's PUNCTUATIONS. Identical to the Java tokeniser on ordinary
+  captions. Known differences: PTB's long abbreviation list (we keep only initialisms and a few
+  titles such as mr. / st. / etc.); rare contractions ("y'all" -> PTB "y' all", "'tis" -> "'t is",
+  "rock 'n' roll"); unit splitting beyond "10:30am"; tokens that start with a symbol ("@home",
+  "dog,2" -> PTB ",2").
+  """
+  text = caption.replace('\n', ' ').lower()
+  text = ''.join(_CHAR_REWRITES.get(ch, ch) for ch in text)
+  tokens = []
+  for token in _merge_abbreviations(_TOKEN_RE.findall(text)):
+    tokens.extend(_split_clitics(token))
+  tokens = [_normalise_token(t) for t in tokens]
+  return ' '.join(t for t in tokens if t not in PUNCTUATIONS)
 
 
 def _normalise_token(token: str) -> str:
-    if re.fullmatch(r'\.{2,}', token):
-        return '...'
-    if re.fullmatch(r'-{2,}', token):
-        return '--'
-    return _TOKEN_REWRITES.get(token, token)
+  if re.fullmatch(r'\.{2,}', token):
+    return '...'
+  if re.fullmatch(r'-{2,}', token):
+    return '--'
+  return _TOKEN_REWRITES.get(token, token)
 
 
 def _merge_abbreviations(tokens: list[str]) -> list[str]:
-    merged = []
-    for token in tokens:
-        if token == '.' and merged and merged[-1] in _ABBREVIATIONS:
-            merged[-1] += '.'
-        else:
-            merged.append(token)
-    return merged
+  merged = []
+  for token in tokens:
+    if token == '.' and merged and merged[-1] in _ABBREVIATIONS:
+      merged[-1] += '.'
+    else:
+      merged.append(token)
+  return merged
 
 
 def _split_clitics(token: str) -> tuple[str, ...]:
-    if token in _SPLIT_WORDS:
-        return _SPLIT_WORDS[token]
-    match = _CLITIC_RE.match(token)
-    return match.groups() if match else (token,)
+  if token in _SPLIT_WORDS:
+    return _SPLIT_WORDS[token]
+  match = _CLITIC_RE.match(token)
+  return match.groups() if match else (token,)

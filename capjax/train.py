@@ -128,8 +128,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.M
 
 def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.Module) -> dict:
   """Summed loss and token count; examples with weight 0 (batch padding) do not count."""
-  logits = _apply_model(model, state.variables, batch,
-                        train=False)
+  logits = _apply_model(model, state.variables, batch, train=False)
   loss_sum, count = token_cross_entropy(logits, batch['tokens'], batch['weight'])
   return {'loss_sum': loss_sum, 'tokens': count}
 
