@@ -1,4 +1,5 @@
-"""What every benchmark shares: machine load, device facts, peak FLOP/s, test JPEGs, tables and JSON."""
+"""What every benchmark shares: machine load, device facts, peak FLOP/s, test JPEGs, synthetic batches,
+tables and JSON."""
 
 import dataclasses
 import datetime
@@ -11,6 +12,8 @@ import sys
 import time
 
 import numpy as np
+
+from capjax import vocab as vocab_lib
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -152,6 +155,30 @@ def records_from_dir(pattern: str, limit: int) -> list[dict]:
       records.append({'image': f.read(), 'image_id': os.path.basename(path),
                       'captions': ['a photo']})
   return records
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic training batches
+
+
+def random_tokens(rng: np.random.Generator, batch: int, max_len: int, vocab: int) -> np.ndarray:
+  """Caption-like rows: <START>, 8-18 words, <END>, then <PAD>."""
+  tokens = np.full((batch, max_len), vocab_lib.PAD_ID, np.int32)
+  for row in tokens:
+    longest = min(18, max_len - 2)
+    n = int(rng.integers(min(8, longest), longest + 1))
+    row[:n + 2] = [vocab_lib.START_ID, *rng.integers(4, vocab, n), vocab_lib.END_ID]
+  return tokens
+
+
+def synthetic_batch(mode: str, batch: int, image_size: int, max_len: int, vocab: int) -> dict:
+  rng = np.random.default_rng(0)
+  out = {'tokens': random_tokens(rng, batch, max_len, vocab)}
+  if mode == 'cached':
+    out['features'] = rng.random((batch, 2048), np.float32)  # pooled post-ReLU features are >= 0
+  else:
+    out['image'] = rng.integers(0, 256, (batch, image_size, image_size, 3), np.uint8)
+  return out
 
 
 # ----------------------------------------------------------------------------------------------

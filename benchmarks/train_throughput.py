@@ -37,7 +37,6 @@ from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from benchmarks import harness
@@ -154,26 +153,6 @@ def create_decoder_state(model, tx, max_len: int, mesh) -> train.TrainState:
   return jax.jit(init, out_shardings=mesh_lib.replicated(mesh))(jax.random.PRNGKey(0))
 
 
-def random_tokens(rng: np.random.Generator, batch: int, max_len: int, vocab: int) -> np.ndarray:
-  """Caption-like rows: <START>, 8-18 words, <END>, then <PAD>."""
-  tokens = np.full((batch, max_len), vocab_lib.PAD_ID, np.int32)
-  for row in tokens:
-    longest = min(18, max_len - 2)
-    n = int(rng.integers(min(8, longest), longest + 1))
-    row[:n + 2] = [vocab_lib.START_ID, *rng.integers(4, vocab, n), vocab_lib.END_ID]
-  return tokens
-
-
-def synthetic_batch(mode: str, batch: int, image_size: int, max_len: int, vocab: int) -> dict:
-  rng = np.random.default_rng(0)
-  out = {'tokens': random_tokens(rng, batch, max_len, vocab)}
-  if mode == 'cached':
-    out['features'] = rng.random((batch, 2048), np.float32)  # pooled post-ReLU features are >= 0
-  else:
-    out['image'] = rng.integers(0, 256, (batch, image_size, image_size, 3), np.uint8)
-  return out
-
-
 def build_step(mode: str, dtype: str, unroll: int, mesh):
   """(jitted step, initial state) for one configuration."""
   model = captioner.Captioner(vocab_size=_VOCAB.value, lstm_unroll=unroll,
@@ -241,7 +220,7 @@ def measure(mode: str, dtype: str, unroll: int, mesh) -> dict:
            else _batch_size(_DECODER_BATCH.value, 256, 4096))
   steps = _STEPS.value or (2 if _on_cpu() else 50)
   step_fn, state = build_step(mode, dtype, unroll, mesh)
-  host_batch = synthetic_batch(mode, batch, _IMAGE_SIZE.value, _MAX_LEN.value, _VOCAB.value)
+  host_batch = harness.synthetic_batch(mode, batch, _IMAGE_SIZE.value, _MAX_LEN.value, _VOCAB.value)
   device_batch = mesh_lib.host_batch_to_global(host_batch, mesh)
 
   start = time.perf_counter()
@@ -298,7 +277,7 @@ def measure_torch(mode: str, mesh) -> dict:
   image_mode = mode == 'train'
   batch = (_batch_size(_BATCH.value, 4, 256) if image_mode
            else _batch_size(_DECODER_BATCH.value, 256, 4096)) // mesh.devices.size  # per device
-  host = synthetic_batch(mode, batch, _IMAGE_SIZE.value, _MAX_LEN.value, _VOCAB.value)
+  host = harness.synthetic_batch(mode, batch, _IMAGE_SIZE.value, _MAX_LEN.value, _VOCAB.value)
   inputs = {k: torch.from_numpy(v).to(device) for k, v in host.items()}
   inputs['tokens'] = inputs['tokens'].long()
   model = torch_reference.random_reference(_VOCAB.value).to(device).train()

@@ -1,0 +1,73 @@
+"""The benchmarks' own correctness: an ablation must compare the same function, and the interleaved
+timer must give every variant the same treatment. (Speeds themselves are never tested.)"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks import harness
+from benchmarks import structural_wins
+from capjax import train
+from capjax import vocab as vocab_lib
+from capjax.models import captioner
+
+VOCAB = 37
+
+
+def _decoder_inputs(batch=4, length=9):
+  rng = np.random.default_rng(0)
+  image_vec = jnp.asarray(rng.normal(size=(batch, 256)).astype(np.float32))
+  tokens = jnp.asarray(harness.random_tokens(rng, batch, length, VOCAB))
+  return image_vec, tokens
+
+
+@pytest.mark.parametrize('readout_inside', [False, True])
+def test_projection_layouts_compute_the_same_loss_and_gradients(readout_inside):
+  image_vec, tokens = _decoder_inputs()
+  reference = captioner.CaptionDecoder(VOCAB)
+  params = reference.init(jax.random.PRNGKey(1), image_vec, tokens[:, :-1])['params']
+  variant = structural_wins.ProjectionsInsideDecoder(VOCAB, readout_inside=readout_inside)
+  variant_params = structural_wins.params_from_capjax(params, readout_inside)
+  # The converted tree is exactly the variant's own parameter structure.
+  own = variant.init(jax.random.PRNGKey(2), image_vec, tokens[:, :-1])['params']
+  assert jax.tree.structure(own) == jax.tree.structure(variant_params)
+
+  def loss(model, p):
+    logits = model.apply({'params': p}, image_vec, tokens[:, :-1])
+    loss_sum, count = train.token_cross_entropy(logits, tokens)
+    return loss_sum / count
+
+  expected_loss, expected_grads = jax.value_and_grad(lambda p: loss(reference, p))(params)
+  got_loss, got_grads = jax.value_and_grad(lambda p: loss(variant, p))(variant_params)
+  np.testing.assert_allclose(got_loss, expected_loss, rtol=1e-5)
+  expected_in_variant_layout = structural_wins.params_from_capjax(expected_grads, readout_inside)
+  for got, want in zip(jax.tree.leaves(got_grads), jax.tree.leaves(expected_in_variant_layout)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_time_interleaved_rotates_the_order_and_reports_medians():
+  calls = []
+
+  def fake(name, seconds):
+    def advance(steps):
+      calls.append((name, steps))
+      return seconds.pop(0)
+    return advance
+
+  timings = structural_wins.time_interleaved(
+      {'a': fake('a', [9.0, 1.0, 2.0, 3.0]), 'b': fake('b', [9.0, 5.0, 4.0, 6.0])}, rounds=3, steps=2)
+  # One warm-up call each (1 step), then rounds a,b / b,a / a,b of 2 steps.
+  assert calls == [('a', 1), ('b', 1), ('a', 2), ('b', 2), ('b', 2), ('a', 2), ('a', 2), ('b', 2)]
+  assert timings['a']['step_s'] == 2.0 and timings['a']['step_s_min'] == 1.0
+  assert timings['b']['step_s'] == 5.0 and timings['b']['step_s_max'] == 6.0
+
+
+def test_random_tokens_look_like_captions():
+  tokens = harness.random_tokens(np.random.default_rng(0), 16, 24, VOCAB)
+  assert tokens.shape == (16, 24) and tokens.dtype == np.int32
+  assert (tokens[:, 0] == vocab_lib.START_ID).all()
+  for row in tokens:
+    end = int(np.argmax(row == vocab_lib.END_ID))
+    assert 8 <= end - 1 <= 18
+    assert (row[1:end] >= 4).all() and (row[end + 1:] == vocab_lib.PAD_ID).all()
