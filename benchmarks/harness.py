@@ -32,6 +32,17 @@ PEAK_FLOPS = (
 BUSY_CORES = 0.25
 
 
+def on_cpu() -> bool:
+  import jax  # pylint: disable=g-import-not-at-top  (grain workers import this module: keep it light)
+  return jax.default_backend() == 'cpu'
+
+
+def default_batch(flag: int, cpu: int, accelerator: int) -> int:
+  """`flag`, or a global batch of `cpu` (on CPUs) or `accelerator` examples per device."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return flag or jax.device_count() * (cpu if on_cpu() else accelerator)
+
+
 def peak_flops(device_kind: str, dtype: str) -> float | None:
   """Peak FLOP/s of one chip, or None where unknown (CPUs, other accelerators)."""
   for name, peaks in PEAK_FLOPS:
@@ -169,6 +180,19 @@ def random_tokens(rng: np.random.Generator, batch: int, max_len: int, vocab: int
     n = int(rng.integers(min(8, longest), longest + 1))
     row[:n + 2] = [vocab_lib.START_ID, *rng.integers(4, vocab, n), vocab_lib.END_ID]
   return tokens
+
+
+def vocabulary_of(records: list[dict]) -> vocab_lib.Vocabulary:
+  """Every word of the records' captions (min count 1): the vocabulary of a benchmark dataset."""
+  return vocab_lib.build_vocabulary((c for r in records for c in r['captions']), min_count=1)
+
+
+def default_optimizer(encoder_mode: str):
+  """capjax's optimizer for `encoder_mode` with the default config's settings."""
+  from capjax import train  # pylint: disable=g-import-not-at-top  (see on_cpu)
+  from configs import default  # pylint: disable=g-import-not-at-top
+  train_cfg = default.get_config().train
+  return train.make_optimizer(train_cfg, train.make_schedule(train_cfg, 100, 1000), encoder_mode)
 
 
 def synthetic_batch(mode: str, batch: int, image_size: int, max_len: int, vocab: int) -> dict:

@@ -111,7 +111,7 @@ def make_inputs(batch: int, rng: np.random.Generator) -> np.ndarray:
 
 def main(argv):
   del argv
-  on_cpu = jax.default_backend() == 'cpu'
+  on_cpu = harness.on_cpu()
   batch_sizes = [int(b) for b in _BATCH_SIZES.value or (['1', '8', '32'] if on_cpu
                                                         else ['1', '32', '256'])]
   reps = _REPS.value or (2 if on_cpu else 20)

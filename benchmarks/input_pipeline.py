@@ -74,7 +74,7 @@ class TorchAugmentedImages:
 
 
 def grain_batches(records, workers: int):
-  vocab = vocab_lib.build_vocabulary((c for r in records for c in r['captions']), min_count=1)
+  vocab = harness.vocabulary_of(records)
   iterator = input_pipeline.make_train_iterator(
       records, vocab, image_size=_IMAGE_SIZE.value, max_caption_len=24,
       host_batch_size=_BATCH.value, captions_per_image=1, augment=input_pipeline.AugmentConfig(),

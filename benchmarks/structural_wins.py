@@ -43,9 +43,7 @@ from benchmarks import harness
 from capjax import input_pipeline
 from capjax import mesh as mesh_lib
 from capjax import train
-from capjax import vocab as vocab_lib
 from capjax.models import captioner
-from configs import default
 
 WINS = ('lstm_layout', 'unroll', 'donation', 'loop', 'image_cache')
 
@@ -68,14 +66,6 @@ _ROUNDS = flags.DEFINE_integer('rounds', 0, 'Interleaved timing rounds of the st
 _STEPS = flags.DEFINE_integer('steps', 0, 'Steps per variant per round; 0: 2 on CPU, 20 otherwise.')
 _CACHE_IMAGES = flags.DEFINE_integer('cache_images', 128, 'Distinct JPEGs in the image_cache epochs.')
 _OUTPUT = flags.DEFINE_string('output', None, 'JSON path; default benchmarks/results/structural_wins.json.')
-
-
-def _on_cpu() -> bool:
-  return jax.default_backend() == 'cpu'
-
-
-def _per_device(flag: int, cpu: int, accelerator: int) -> int:
-  return flag or jax.device_count() * (cpu if _on_cpu() else accelerator)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,15 +145,10 @@ def _decoder_batch(batch: int, mesh) -> dict:
   return mesh_lib.host_batch_to_global(host, mesh)
 
 
-def _optimizer():
-  train_cfg = default.get_config().train
-  return train.make_optimizer(train_cfg, train.make_schedule(train_cfg, 100, 1000), 'train')
-
-
 def _compiled_decoder_step(model, params, batch, mesh):
   """(advance, compile seconds): `advance(steps)` runs that many `decoder_step`s on its own copy of
   the parameters and optimizer state (both donated) and returns seconds per step."""
-  tx = _optimizer()
+  tx = harness.default_optimizer('train')
   replicated = mesh_lib.replicated(mesh)
   step = jax.jit(functools.partial(decoder_step, model=model, tx=tx),
                  in_shardings=(replicated, replicated, mesh_lib.batch_sharded(mesh)),
@@ -191,6 +176,12 @@ def _advancer(compiled, state: tuple, batch):
   return advance
 
 
+def _rotated(items: list, r: int) -> list:
+  """`items` starting at position r (mod len): the order of round r."""
+  r %= len(items)
+  return items[r:] + items[:r]
+
+
 def time_interleaved(advancers: dict, rounds: int, steps: int) -> dict[str, dict]:
   """Seconds per step of each variant: one untimed warm-up call each, then `rounds` rounds of
   `steps` steps per variant, the order rotated every round, so that drift of the machine (other
@@ -200,7 +191,7 @@ def time_interleaved(advancers: dict, rounds: int, steps: int) -> dict[str, dict
     advancers[name](1)
   seconds = {name: [] for name in names}
   for r in range(rounds):
-    for name in names[r % len(names):] + names[:r % len(names)]:
+    for name in _rotated(names, r):
       seconds[name].append(advancers[name](steps))
   return {name: {'step_s': float(np.median(v)), 'step_s_min': min(v), 'step_s_max': max(v),
                  'rounds': rounds, 'steps_per_round': steps} for name, v in seconds.items()}
@@ -208,7 +199,15 @@ def time_interleaved(advancers: dict, rounds: int, steps: int) -> dict[str, dict
 
 def _rounds() -> tuple[int, int]:
   """(rounds, steps per round) of the interleaved step timings."""
-  return _ROUNDS.value or (5 if _on_cpu() else 10), _STEPS.value or (2 if _on_cpu() else 20)
+  return _ROUNDS.value or (5 if harness.on_cpu() else 10), _STEPS.value or (2 if harness.on_cpu() else 20)
+
+
+def _timing_row(win: str, variant: str, batch: int, unit: str, timing: dict, **extra) -> dict:
+  """A result row from `time_interleaved`'s timing of one variant: median throughput and range."""
+  return {'win': win, 'variant': variant, 'batch': batch, 'step_ms': 1e3 * timing['step_s'],
+          'per_s': batch / timing['step_s'],
+          'per_s_range': (batch / timing['step_s_max'], batch / timing['step_s_min']),
+          'unit': unit, **timing, **extra}
 
 
 def _decoder_rows(win: str, variants: dict, batch, mesh) -> list[dict]:
@@ -220,17 +219,14 @@ def _decoder_rows(win: str, variants: dict, batch, mesh) -> list[dict]:
   size = batch['tokens'].shape[0]
   rows = []
   for name, timing in timings.items():
-    rows.append({'win': win, 'variant': name, 'batch': size, 'compile_s': compile_s[name],
-                 'step_ms': 1e3 * timing['step_s'], 'per_s': size / timing['step_s'],
-                 'per_s_range': (size / timing['step_s_max'], size / timing['step_s_min']),
-                 'unit': 'captions/s', **timing})
+    rows.append(_timing_row(win, name, size, 'captions/s', timing, compile_s=compile_s[name]))
     print(f"  {win} {name}: {rows[-1]['per_s']:,.0f} captions/s (median of {timing['rounds']}; "
           f"range {rows[-1]['per_s_range'][0]:,.0f}-{rows[-1]['per_s_range'][1]:,.0f})", flush=True)
   return rows
 
 
 def measure_lstm_layout(mesh) -> list[dict]:
-  batch = _decoder_batch(_per_device(_DECODER_BATCH.value, 256, 4096), mesh)
+  batch = _decoder_batch(harness.default_batch(_DECODER_BATCH.value, 256, 4096), mesh)
   reference = captioner.CaptionDecoder(_VOCAB.value)
   params = reference.init(jax.random.PRNGKey(0), batch['image_vec'][:2], batch['tokens'][:2, :-1])['params']
   expected = reference.apply({'params': params}, batch['image_vec'][:8], batch['tokens'][:8, :-1])
@@ -247,7 +243,7 @@ def measure_lstm_layout(mesh) -> list[dict]:
 
 
 def measure_unroll(mesh) -> list[dict]:
-  batch = _decoder_batch(_per_device(_DECODER_BATCH.value, 256, 4096), mesh)
+  batch = _decoder_batch(harness.default_batch(_DECODER_BATCH.value, 256, 4096), mesh)
   variants = {}
   for unroll in (1, 2, 4, 8):
     model = captioner.CaptionDecoder(_VOCAB.value, lstm_unroll=unroll)
@@ -277,10 +273,10 @@ def _memory(compiled) -> dict:
 
 
 def measure_donation(mesh) -> list[dict]:
-  size = _DONATION_SIZE.value or (64 if _on_cpu() else 224)
-  batch_size = _per_device(_IMAGE_BATCH.value, 4, 256)
+  size = _DONATION_SIZE.value or (64 if harness.on_cpu() else 224)
+  batch_size = harness.default_batch(_IMAGE_BATCH.value, 4, 256)
   model = captioner.Captioner(vocab_size=_VOCAB.value)
-  tx = _optimizer()
+  tx = harness.default_optimizer('train')
   host = harness.synthetic_batch('train', batch_size, size, _MAX_LEN.value, _VOCAB.value)
   batch = mesh_lib.host_batch_to_global(host, mesh)
   replicated = mesh_lib.replicated(mesh)
@@ -299,10 +295,8 @@ def measure_donation(mesh) -> list[dict]:
     advancers[name] = _advancer(compiled, (state,), batch)
   rows = []
   for name, timing in time_interleaved(advancers, *_rounds()).items():
-    rows.append({'win': 'donation', 'variant': name, 'batch': batch_size, 'image_size': size,
-                 'step_ms': 1e3 * timing['step_s'], 'per_s': batch_size / timing['step_s'],
-                 'per_s_range': (batch_size / timing['step_s_max'], batch_size / timing['step_s_min']),
-                 'unit': 'images/s', **timing, **facts[name]})
+    rows.append(_timing_row('donation', name, batch_size, 'images/s', timing, image_size=size,
+                            **facts[name]))
     print(f"  donation {name}: {rows[-1]['per_s']:,.1f} images/s, "
           f"{rows[-1].get('new_buffers_mib', float('nan')):,.0f} MiB new buffers", flush=True)
   return _relative_to(rows, 'donated (capjax)')
@@ -351,20 +345,19 @@ def run_loop(compiled, state, iterator, mesh, *, steps: int, warmup: int, prefet
 
 
 def measure_loop(mesh) -> list[dict]:
-  size = _LOOP_SIZE.value or (64 if _on_cpu() else 224)
-  batch_size = _per_device(_IMAGE_BATCH.value, 32, 256)
-  steps = _LOOP_STEPS.value or (20 if _on_cpu() else 200)
+  size = _LOOP_SIZE.value or (64 if harness.on_cpu() else 224)
+  batch_size = harness.default_batch(_IMAGE_BATCH.value, 32, 256)
+  steps = _LOOP_STEPS.value or (20 if harness.on_cpu() else 200)
   records = harness.flickr_like_records(64)
-  vocab = vocab_lib.build_vocabulary((c for r in records for c in r['captions']), min_count=1)
+  vocab = harness.vocabulary_of(records)
   model = captioner.Captioner(vocab_size=len(vocab), trunk_mode='frozen')
-  train_cfg = default.get_config().train
-  tx = train.make_optimizer(train_cfg, train.make_schedule(train_cfg, 100, 1000), 'frozen')
+  tx = harness.default_optimizer('frozen')
   compiled = train.compile_train_step(model, tx, mesh)
   variants = [(prefetch, lazy) for prefetch in (True, False) for lazy in (True, False)]
   runs = {v: [] for v in variants}
   rounds = _LOOP_ROUNDS.value
   for r in range(rounds):  # order rotated every round, as in time_interleaved
-    for prefetch, lazy in variants[r % len(variants):] + variants[:r % len(variants)]:
+    for prefetch, lazy in _rotated(variants, r):
       state = train.create_train_state(model, tx, 0, size, _MAX_LEN.value, mesh)
       iterator = input_pipeline.make_train_iterator(
           records, vocab, image_size=size, max_caption_len=_MAX_LEN.value,
@@ -409,7 +402,7 @@ def measure_image_cache(mesh) -> list[dict]:
   del mesh
   num_images = _CACHE_IMAGES.value
   records = harness.flickr_like_records(num_images)
-  vocab = vocab_lib.build_vocabulary((c for r in records for c in r['captions']), min_count=1)
+  vocab = harness.vocabulary_of(records)
   batch_size = 16
   batches = num_images // batch_size  # one epoch: one random caption per image
   rows = []

@@ -45,7 +45,6 @@ from capjax import mesh as mesh_lib
 from capjax import train
 from capjax import vocab as vocab_lib
 from capjax.models import captioner
-from configs import default
 
 _MODES = flags.DEFINE_list('modes', ['train', 'frozen', 'cached'], 'Encoder modes to measure.')
 _DTYPES = flags.DEFINE_list('dtypes', ['float32', 'bfloat16'], 'Compute dtypes (params stay float32).')
@@ -72,14 +71,6 @@ _OUTPUT = flags.DEFINE_string('output', None, 'JSON path; default benchmarks/res
 
 RESNET50_FWD_FLOPS_224 = 8.2e9  # 4.1 G multiply-adds (the often quoted "4.1 GFLOPs") = 8.2 GFLOPs
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-
-
-def _on_cpu() -> bool:
-  return jax.default_backend() == 'cpu'
-
-
-def _batch_size(flag: int, cpu: int, accelerator: int) -> int:
-  return flag or jax.device_count() * (cpu if _on_cpu() else accelerator)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,9 +149,7 @@ def build_step(mode: str, dtype: str, unroll: int, mesh):
   model = captioner.Captioner(vocab_size=_VOCAB.value, lstm_unroll=unroll,
                               trunk_mode='frozen' if mode == 'frozen' else 'train',
                               dtype=DTYPES[dtype])
-  train_cfg = default.get_config().train
-  tx = train.make_optimizer(train_cfg, train.make_schedule(train_cfg, 100, 1000),
-                            'train' if mode == 'train' else 'frozen')
+  tx = harness.default_optimizer('train' if mode == 'train' else 'frozen')
   if mode == 'cached':
     shardings = (mesh_lib.replicated(mesh), mesh_lib.batch_sharded(mesh))
     step = jax.jit(functools.partial(decoder_train_step, model=model, tx=tx), in_shardings=shardings,
@@ -207,7 +196,7 @@ def pipeline_batches(iterator, mesh):
 
 def make_pipeline(batch: int):
   records = harness.flickr_like_records(_PIPELINE_IMAGES.value)
-  vocab = vocab_lib.build_vocabulary((c for r in records for c in r['captions']), min_count=1)
+  vocab = harness.vocabulary_of(records)
   return input_pipeline.make_train_iterator(
       records, vocab, image_size=_IMAGE_SIZE.value, max_caption_len=_MAX_LEN.value,
       host_batch_size=batch // jax.process_count(), captions_per_image=5,
@@ -216,9 +205,9 @@ def make_pipeline(batch: int):
 
 def measure(mode: str, dtype: str, unroll: int, mesh) -> dict:
   image_mode = mode != 'cached'
-  batch = (_batch_size(_BATCH.value, 4, 256) if image_mode
-           else _batch_size(_DECODER_BATCH.value, 256, 4096))
-  steps = _STEPS.value or (2 if _on_cpu() else 50)
+  batch = (harness.default_batch(_BATCH.value, 4, 256) if image_mode
+           else harness.default_batch(_DECODER_BATCH.value, 256, 4096))
+  steps = _STEPS.value or (2 if harness.on_cpu() else 50)
   step_fn, state = build_step(mode, dtype, unroll, mesh)
   host_batch = harness.synthetic_batch(mode, batch, _IMAGE_SIZE.value, _MAX_LEN.value, _VOCAB.value)
   device_batch = mesh_lib.host_batch_to_global(host_batch, mesh)
@@ -275,8 +264,8 @@ def measure_torch(mode: str, mesh) -> dict:
   device = 'cuda' if torch.cuda.is_available() else 'cpu'
   sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
   image_mode = mode == 'train'
-  batch = (_batch_size(_BATCH.value, 4, 256) if image_mode
-           else _batch_size(_DECODER_BATCH.value, 256, 4096)) // mesh.devices.size  # per device
+  batch = (harness.default_batch(_BATCH.value, 4, 256) if image_mode
+           else harness.default_batch(_DECODER_BATCH.value, 256, 4096)) // mesh.devices.size  # per device
   host = harness.synthetic_batch(mode, batch, _IMAGE_SIZE.value, _MAX_LEN.value, _VOCAB.value)
   inputs = {k: torch.from_numpy(v).to(device) for k, v in host.items()}
   inputs['tokens'] = inputs['tokens'].long()
@@ -294,7 +283,7 @@ def measure_torch(mode: str, mesh) -> dict:
   for _ in range(_WARMUP.value):
     step()
   sync()
-  steps = _STEPS.value or (2 if _on_cpu() else 50)
+  steps = _STEPS.value or (2 if harness.on_cpu() else 50)
   start = time.perf_counter()
   for _ in range(steps):
     step()
