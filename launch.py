@@ -13,6 +13,10 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from capjax import cli
+from capjax import evaluation
+from capjax.data import prepare
+
 config_flags.DEFINE_config_file('config', 'configs/demo.py', 'Training configuration file.',
                                 lock_config=True)
 flags.DEFINE_string('workdir', 'workdirs/demo', 'Checkpoints, vocabulary, logs and results.')
@@ -39,17 +43,13 @@ def main(argv):
     jax.distributed.initialize()
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
   if FLAGS.mode == 'train':
-    from capjax import cli  # pylint: disable=g-import-not-at-top
     cli.train(FLAGS.config, FLAGS.workdir)
   elif FLAGS.mode == 'prepare':
-    from capjax.data import sources  # pylint: disable=g-import-not-at-top
-    sources.prepare_from_config(FLAGS.config.data)
+    prepare.prepare_from_config(FLAGS.config.data)
   elif FLAGS.mode == 'eval':
-    from capjax import evaluation  # pylint: disable=g-import-not-at-top
     evaluation.evaluate_workdir(FLAGS.workdir, split=FLAGS.split, checkpoint=FLAGS.checkpoint_step,
                                 beam_size=FLAGS.beam_size, length_penalty=FLAGS.length_penalty)
   else:
-    from capjax import cli  # pylint: disable=g-import-not-at-top
     cli.caption_images(FLAGS.workdir, FLAGS.images, output=FLAGS.output, beam_size=FLAGS.beam_size,
                        checkpoint=FLAGS.checkpoint_step, length_penalty=FLAGS.length_penalty,
                        temperature=FLAGS.temperature, top_k=FLAGS.top_k)

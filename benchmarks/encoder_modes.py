@@ -2,22 +2,22 @@
 
   python benchmarks/encoder_modes.py [configs/demo.py]
 
-Random data, one process, all local devices; steady state after one compiled step.
+capjax's own train step for each mode (`capjax.state`), on random data from the shared harness, one
+process, all local devices; steady state after one compiled step.
 """
 
 import importlib.util
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+from benchmarks import harness  # noqa: E402
 from capjax import mesh as mesh_lib  # noqa: E402
-from capjax import train  # noqa: E402
+from capjax import state as state_lib  # noqa: E402
 from capjax.models import captioner  # noqa: E402
 
 VOCAB_SIZE = 40
@@ -31,32 +31,19 @@ def load_config(path: str):
   return module.get_config()
 
 
-def random_batch(mode: str, batch_size: int, image_size: int, length: int, rng) -> dict:
-  batch = {'tokens': rng.integers(1, VOCAB_SIZE, (batch_size, length)).astype(np.int32)}
-  if mode == 'cached':
-    batch['features'] = rng.normal(size=(batch_size, 2048)).astype(np.float32)
-  else:
-    batch['image'] = rng.integers(0, 255, (batch_size, image_size, image_size, 3)).astype(np.uint8)
-  return batch
-
-
 def measure(config, mode: str, mesh, steps: int) -> tuple[int, float]:
   config.model.encoder_mode = mode
   size, length = config.data.image_size, config.data.max_caption_len
   batch_size = CACHED_BATCH if mode == 'cached' else config.train.batch_size
   model = captioner.build_captioner(config.model, VOCAB_SIZE)
-  tx = train.make_optimizer(config.train, optax.constant_schedule(1e-3), mode)
-  state = train.create_train_state(model, tx, 0, size, length, mesh)
-  step = train.compile_train_step(model, tx, mesh)
+  tx = state_lib.make_optimizer(config.train, optax.constant_schedule(1e-3), mode)
+  state = state_lib.create_train_state(model, tx, 0, size, length, mesh)
+  step = state_lib.compile_train_step(
+      state_lib.teacher_forced_logits(model, from_features=mode == 'cached'), tx, mesh)
   batch = mesh_lib.host_batch_to_global(
-      random_batch(mode, batch_size, size, length, np.random.default_rng(0)), mesh)
-  state, metrics = step(state, batch)
-  jax.block_until_ready(metrics)
-  start = time.perf_counter()
-  for _ in range(steps):
-    state, metrics = step(state, batch)
-  jax.block_until_ready(metrics)
-  return batch_size, batch_size * steps / (time.perf_counter() - start)
+      harness.synthetic_batch(mode, batch_size, size, length, VOCAB_SIZE), mesh)
+  _, seconds, _ = harness.time_steps(step, state, harness.repeat_batch(batch), warmup=1, steps=steps)
+  return batch_size, batch_size * steps / seconds
 
 
 def main(config_path: str = 'configs/demo.py') -> None:

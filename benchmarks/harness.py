@@ -189,10 +189,33 @@ def vocabulary_of(records: list[dict]) -> vocab_lib.Vocabulary:
 
 def default_optimizer(encoder_mode: str):
   """capjax's optimizer for `encoder_mode` with the default config's settings."""
-  from capjax import train  # pylint: disable=g-import-not-at-top  (see on_cpu)
+  from capjax import state as state_lib  # pylint: disable=g-import-not-at-top  (see on_cpu)
   from configs import default  # pylint: disable=g-import-not-at-top
   train_cfg = default.get_config().train
-  return train.make_optimizer(train_cfg, train.make_schedule(train_cfg, 100, 1000), encoder_mode)
+  return state_lib.make_optimizer(train_cfg, state_lib.make_schedule(train_cfg, 100, 1000),
+                                  encoder_mode)
+
+
+def time_steps(compiled, state, batches, warmup: int, steps: int):
+  """Runs warmup + steps of a train step; `batches` yields (device batch, seconds waited for it).
+  Returns (state, seconds of the timed steps, seconds of them spent waiting for batches)."""
+  import jax  # pylint: disable=g-import-not-at-top  (see on_cpu)
+  for _ in range(warmup):
+    state, metrics = compiled(state, next(batches)[0])
+  jax.block_until_ready((state, metrics))
+  waited, start = 0.0, time.perf_counter()
+  for _ in range(steps):
+    batch, wait = next(batches)
+    waited += wait
+    state, metrics = compiled(state, batch)
+  jax.block_until_ready((state, metrics))
+  return state, time.perf_counter() - start, waited
+
+
+def repeat_batch(batch):
+  """The same device batch forever, with no wait: a step's speed without an input pipeline."""
+  while True:
+    yield batch, 0.0
 
 
 def synthetic_batch(mode: str, batch: int, image_size: int, max_len: int, vocab: int) -> dict:

@@ -33,7 +33,6 @@ import torch
 
 from benchmarks import harness
 from benchmarks import torch_reference
-from capjax import decoding
 from capjax import inference
 from capjax import mesh as mesh_lib
 from capjax import vocab as vocab_lib
@@ -57,21 +56,11 @@ _TORCH_THREADS = flags.DEFINE_integer('torch_threads', 0, 'torch intra-op thread
 _OUTPUT = flags.DEFINE_string('output', None, 'JSON path; default benchmarks/results/inference.json.')
 
 
-def decode_vectors(model, variables, image_vec, *, max_len: int, beam_size: int):
-  """capjax's decoding from image vectors: `inference.decode_images` without the encoder."""
-  carry = model.apply(variables, image_vec, method=model.start)
-  step_fn = lambda c, t: model.apply(variables, c, t, method=model.step)  # noqa: E731
-  kwargs = dict(batch_size=image_vec.shape[0], start_id=vocab_lib.START_ID,
-                end_id=vocab_lib.END_ID, pad_id=vocab_lib.PAD_ID, max_len=max_len)
-  if beam_size == 1:
-    return decoding.greedy_decode(step_fn, carry, **kwargs)
-  return decoding.beam_search(step_fn, carry, beam_size=beam_size, **kwargs).tokens[:, 0]
-
-
 def capjax_fn(model, mesh, beam_size: int):
   if not _DECODER_ONLY.value:
     return inference.make_caption_fn(model, mesh, max_len=_MAX_LEN.value, beam_size=beam_size)
-  fn = functools.partial(decode_vectors, model, max_len=_MAX_LEN.value, beam_size=beam_size)
+  fn = functools.partial(inference.generate_from_encoded, model, max_len=_MAX_LEN.value,
+                         beam_size=beam_size)
   return jax.jit(fn, in_shardings=(mesh_lib.replicated(mesh), mesh_lib.batch_sharded(mesh)),
                  out_shardings=mesh_lib.replicated(mesh))
 

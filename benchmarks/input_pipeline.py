@@ -75,10 +75,9 @@ class TorchAugmentedImages:
 
 def grain_batches(records, workers: int):
   vocab = harness.vocabulary_of(records)
-  iterator = input_pipeline.make_train_iterator(
-      records, vocab, image_size=_IMAGE_SIZE.value, max_caption_len=24,
-      host_batch_size=_BATCH.value, captions_per_image=1, augment=input_pipeline.AugmentConfig(),
-      seed=0, num_workers=workers)
+  pipeline = input_pipeline.PipelineConfig(image_size=_IMAGE_SIZE.value, max_caption_len=24,
+                                           captions_per_image=1, num_workers=workers)
+  iterator = input_pipeline.make_train_iterator(records, vocab, pipeline, host_batch_size=_BATCH.value)
   try:
     while True:
       yield next(iterator)['image']

@@ -11,7 +11,7 @@ r"""What each structural speed-up buys: every one timed against its absence, in 
                  readout_in    input projection outside, vocabulary projection inside the scanned step
                  both_in       both inside the scanned step (a per-step LSTMCell + Dense loop)
   unroll       The capjax decoder step with `nn.scan(unroll=...)` 1, 2, 4, 8.
-  donation     The full train step (capjax.train.train_step) jitted with and without donating the old
+  donation     The full train step (capjax.state.train_step) jitted with and without donating the old
                state: XLA's memory analysis of each executable (bytes aliased, temporaries) and step time.
   loop         A training loop (frozen trunk, the real grain pipeline over 500x375 JPEGs, full
                augmentation) with device prefetch (one batch ahead, as capjax's loop) on or off, and
@@ -42,7 +42,7 @@ import optax
 from benchmarks import harness
 from capjax import input_pipeline
 from capjax import mesh as mesh_lib
-from capjax import train
+from capjax import state as state_lib
 from capjax.models import captioner
 
 WINS = ('lstm_layout', 'unroll', 'donation', 'loop', 'image_cache')
@@ -130,7 +130,7 @@ def decoder_step(params, opt_state, batch, *, model, tx):
   """Teacher-forced loss, gradient and AdamW update of a decoder on 256-d image vectors."""
   def loss_fn(p):
     logits = model.apply({'params': p}, batch['image_vec'], batch['tokens'][:, :-1])
-    loss_sum, count = train.token_cross_entropy(logits, batch['tokens'])
+    loss_sum, count = state_lib.token_cross_entropy(logits, batch['tokens'])
     return loss_sum / jnp.maximum(count, 1.0)
 
   loss, grads = jax.value_and_grad(loss_fn)(params)
@@ -283,10 +283,11 @@ def measure_donation(mesh) -> list[dict]:
   advancers, facts = {}, {}
   for donate in (True, False):
     name = 'donated (capjax)' if donate else 'not donated'
-    step = jax.jit(functools.partial(train.train_step, model=model, tx=tx),
+    step = jax.jit(functools.partial(state_lib.train_step, logits_fn=state_lib.teacher_forced_logits(model),
+                                     tx=tx),
                    in_shardings=(replicated, mesh_lib.batch_sharded(mesh)),
                    out_shardings=(replicated, replicated), donate_argnums=(0,) if donate else ())
-    state = train.create_train_state(model, tx, 0, size, _MAX_LEN.value, mesh)
+    state = state_lib.create_train_state(model, tx, 0, size, _MAX_LEN.value, mesh)
     start = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     facts[name] = {'compile_s': time.perf_counter() - start,
@@ -352,17 +353,18 @@ def measure_loop(mesh) -> list[dict]:
   vocab = harness.vocabulary_of(records)
   model = captioner.Captioner(vocab_size=len(vocab), trunk_mode='frozen')
   tx = harness.default_optimizer('frozen')
-  compiled = train.compile_train_step(model, tx, mesh)
+  compiled = state_lib.compile_train_step(state_lib.teacher_forced_logits(model), tx, mesh)
   variants = [(prefetch, lazy) for prefetch in (True, False) for lazy in (True, False)]
   runs = {v: [] for v in variants}
   rounds = _LOOP_ROUNDS.value
   for r in range(rounds):  # order rotated every round, as in time_interleaved
     for prefetch, lazy in _rotated(variants, r):
-      state = train.create_train_state(model, tx, 0, size, _MAX_LEN.value, mesh)
+      state = state_lib.create_train_state(model, tx, 0, size, _MAX_LEN.value, mesh)
       iterator = input_pipeline.make_train_iterator(
-          records, vocab, image_size=size, max_caption_len=_MAX_LEN.value,
-          host_batch_size=batch_size // jax.process_count(), captions_per_image=5,
-          augment=input_pipeline.AugmentConfig(), seed=0, num_workers=_WORKERS.value)
+          records, vocab, input_pipeline.PipelineConfig(
+              image_size=size, max_caption_len=_MAX_LEN.value, captions_per_image=5,
+              num_workers=_WORKERS.value),
+          host_batch_size=batch_size // jax.process_count())
       try:
         runs[prefetch, lazy].append(run_loop(
             compiled, state, iterator, mesh, steps=steps, warmup=2, prefetch=prefetch,
@@ -410,9 +412,10 @@ def measure_image_cache(mesh) -> list[dict]:
     for cached in (False, True):
       source = input_pipeline.DecodedImageCache(records, min_side) if cached else records
       iterator = input_pipeline.make_train_iterator(
-          source, vocab, image_size=size, max_caption_len=_MAX_LEN.value, host_batch_size=batch_size,
-          captions_per_image=5, augment=input_pipeline.AugmentConfig(), seed=0,
-          random_caption=True)
+          source, vocab, input_pipeline.PipelineConfig(
+              image_size=size, max_caption_len=_MAX_LEN.value, captions_per_image=5,
+              random_caption=True),
+          host_batch_size=batch_size)
       try:
         first = _epoch_rate(iterator, batches, batch_size)
         second = _epoch_rate(iterator, batches, batch_size)

@@ -188,7 +188,7 @@ def check_against_capjax(vocab_size: int = 50, image_size: int = 64, max_len: in
             'logit_scale': float(np.abs(torch_logits).max())}
   for beam in (1, 3):
     torch_tokens = caption(model, torch.from_numpy(images), max_len, beam).numpy()
-    jax_tokens = np.asarray(jax.jit(lambda v, x, b=beam: inference.decode_images(
+    jax_tokens = np.asarray(jax.jit(lambda v, x, b=beam: inference.generate_tokens(
         ours, v, x, max_len=max_len, beam_size=b))(variables, jnp.asarray(images)))
     result[f'beam{beam}_tokens_equal'] = bool((torch_tokens == jax_tokens).all())
   assert result['max_abs_logit_diff'] < 1e-3 * max(1.0, result['logit_scale']), result

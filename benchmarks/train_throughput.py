@@ -1,10 +1,10 @@
 r"""Training throughput of the seed captioner: examples/s per encoder mode and dtype, and MFU.
 
 Modes (all on every local device, batch sharded over 'data' like capjax's train loop):
-  train   ResNet50 + LSTM, everything learns (capjax.train.compile_train_step)    -> images/s
+  train   ResNet50 + LSTM, everything learns (capjax.state.compile_train_step)    -> images/s
   frozen  trunk in inference mode, no trunk gradient (encoder_mode='frozen')      -> images/s
-  cached  decoder only, on precomputed pooled 2048-d trunk features: a jitted step over
-          `decode_from_features` with capjax's optimizer                          -> captions/s
+  cached  decoder only, on precomputed pooled 2048-d trunk features: capjax's own cached-mode
+          step (`teacher_forced_logits(from_features=True)`), trunk fixed         -> captions/s
 plus, as a yardstick, the PyTorch eager reference's train and cached steps (--torch_modes, float32).
 
 Compile time is measured apart (lower + compile); warm-up steps run the compiled step and are not
@@ -22,7 +22,6 @@ augmentation) and reports the fraction of the loop's wall time spent waiting in 
       --pipeline_workers=8 --torch_modes=
 """
 
-import functools
 import os
 import sys
 import time
@@ -37,12 +36,11 @@ from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
-import optax
 
 from benchmarks import harness
 from capjax import input_pipeline
 from capjax import mesh as mesh_lib
-from capjax import train
+from capjax import state as state_lib
 from capjax import vocab as vocab_lib
 from capjax.models import captioner
 
@@ -117,69 +115,19 @@ def uncounted_scan_flops(batch: int, max_len: int, unroll: int, hidden: int = 25
 # Steps and inputs
 
 
-def decoder_train_step(state, batch, *, model, tx):
-  """The 'cached' mode step: decoder (+ feature projection) on pooled trunk features."""
-  def loss_fn(params):
-    logits, updates = model.apply(
-        {'params': params, 'batch_stats': state.batch_stats}, batch['features'],
-        batch['tokens'][:, :-1], train=True, mutable=['batch_stats'],
-        method=model.decode_from_features)
-    loss_sum, count = train.token_cross_entropy(logits, batch['tokens'])
-    return loss_sum / jnp.maximum(count, 1.0), updates['batch_stats']
-
-  (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                       batch_stats=batch_stats, opt_state=opt_state), {'loss': loss}
-
-
-def create_decoder_state(model, tx, max_len: int, mesh) -> train.TrainState:
-  """Only the parameters the cached mode trains: projection, its BatchNorm and the decoder."""
-  def init(rng):
-    variables = model.init(rng, jnp.zeros((1, 2048)), jnp.zeros((1, max_len - 1), jnp.int32),
-                           train=False, method=model.decode_from_features)
-    return train.TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
-                            batch_stats=variables['batch_stats'],
-                            opt_state=tx.init(variables['params']), rng=rng)
-  return jax.jit(init, out_shardings=mesh_lib.replicated(mesh))(jax.random.PRNGKey(0))
-
-
 def build_step(mode: str, dtype: str, unroll: int, mesh):
   """(jitted step, initial state) for one configuration."""
   model = captioner.Captioner(vocab_size=_VOCAB.value, lstm_unroll=unroll,
                               trunk_mode='frozen' if mode == 'frozen' else 'train',
                               dtype=DTYPES[dtype])
-  tx = harness.default_optimizer('train' if mode == 'train' else 'frozen')
-  if mode == 'cached':
-    shardings = (mesh_lib.replicated(mesh), mesh_lib.batch_sharded(mesh))
-    step = jax.jit(functools.partial(decoder_train_step, model=model, tx=tx), in_shardings=shardings,
-                   out_shardings=(shardings[0], shardings[0]), donate_argnums=(0,))
-    return step, create_decoder_state(model, tx, _MAX_LEN.value, mesh)
-  state = train.create_train_state(model, tx, 0, _IMAGE_SIZE.value, _MAX_LEN.value, mesh)
-  return train.compile_train_step(model, tx, mesh), state
+  tx = harness.default_optimizer(mode)
+  logits_fn = state_lib.teacher_forced_logits(model, from_features=mode == 'cached')
+  state = state_lib.create_train_state(model, tx, 0, _IMAGE_SIZE.value, _MAX_LEN.value, mesh)
+  return state_lib.compile_train_step(logits_fn, tx, mesh), state
 
 
 # ----------------------------------------------------------------------------------------------
 # Measuring
-
-
-def time_steps(compiled, state, batches, warmup: int, steps: int):
-  """Runs warmup + steps; `batches` yields device batches. Returns (state, seconds, wait seconds)."""
-  for _ in range(warmup):
-    state, metrics = compiled(state, next(batches)[0])
-  jax.block_until_ready((state, metrics))
-  waited, start = 0.0, time.perf_counter()
-  for _ in range(steps):
-    batch, wait = next(batches)
-    waited += wait
-    state, metrics = compiled(state, batch)
-  jax.block_until_ready((state, metrics))
-  return state, time.perf_counter() - start, waited
-
-
-def repeat_batch(batch):
-  while True:
-    yield batch, 0.0
 
 
 def pipeline_batches(iterator, mesh):
@@ -197,10 +145,11 @@ def pipeline_batches(iterator, mesh):
 def make_pipeline(batch: int):
   records = harness.flickr_like_records(_PIPELINE_IMAGES.value)
   vocab = harness.vocabulary_of(records)
-  return input_pipeline.make_train_iterator(
-      records, vocab, image_size=_IMAGE_SIZE.value, max_caption_len=_MAX_LEN.value,
-      host_batch_size=batch // jax.process_count(), captions_per_image=5,
-      augment=input_pipeline.AugmentConfig(), seed=0, num_workers=_PIPELINE_WORKERS.value)
+  pipeline = input_pipeline.PipelineConfig(
+      image_size=_IMAGE_SIZE.value, max_caption_len=_MAX_LEN.value, captions_per_image=5,
+      num_workers=_PIPELINE_WORKERS.value)
+  return input_pipeline.make_train_iterator(records, vocab, pipeline,
+                                            host_batch_size=batch // jax.process_count())
 
 
 def measure(mode: str, dtype: str, unroll: int, mesh) -> dict:
@@ -218,8 +167,8 @@ def measure(mode: str, dtype: str, unroll: int, mesh) -> dict:
 
   with_pipeline = _WITH_PIPELINE.value and image_mode
   batches = (pipeline_batches(make_pipeline(batch), mesh) if with_pipeline
-             else repeat_batch(device_batch))
-  _, seconds, waited = time_steps(compiled, state, batches, _WARMUP.value, steps)
+             else harness.repeat_batch(device_batch))
+  _, seconds, waited = harness.time_steps(compiled, state, batches, _WARMUP.value, steps)
   batches.close()
 
   analytic = analytic_flops_per_example(mode, _IMAGE_SIZE.value, _VOCAB.value, _MAX_LEN.value) * batch

@@ -58,7 +58,9 @@ class Checkpointer:
         enable_async_checkpointing=False)
     self._manager = ocp.CheckpointManager(
         os.path.abspath(directory), options=options,
-        item_handlers={_STATE: ocp.StandardCheckpointHandler(),
+        # The PyTree handler (what StandardCheckpointHandler wraps, same files) also restores a part of
+        # the state: inference reads only params and batch_stats, never the optimizer's moments.
+        item_handlers={_STATE: ocp.PyTreeCheckpointHandler(),
                        _DATA: grain.checkpoint.CheckpointHandler()})
 
   def latest_step(self) -> int | None:
@@ -70,12 +72,9 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
-  def metrics(self, step: int) -> dict | None:
-    return self._manager.metrics(step)
-
   def save(self, step: int, state: Any, data_state: Any | None = None,
            metrics: dict[str, float] | None = None) -> None:
-    items = {_STATE: ocp.args.StandardSave(state)}
+    items = {_STATE: ocp.args.PyTreeSave(state)}
     if data_state is not None:
       items[_DATA] = grain.checkpoint.CheckpointSave(_IteratorPosition(data_state))
     clean_metrics = None
@@ -103,14 +102,26 @@ class Checkpointer:
   def restore(self, step: int, target_state: Any, data_iterator: Any | None = None) -> Any:
     """Restores into `target_state`'s structure and shardings (so 8 -> 1 devices works when the
     target's leaves are `jax.ShapeDtypeStruct`s carrying the new sharding)."""
-    items = {_STATE: ocp.args.StandardRestore(target_state)}
+    items = {_STATE: _restore_args(target_state)}
     if data_iterator is not None:
       items[_DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     return restored[_STATE]
 
+  def restore_variables(self, step: int, target_variables: dict) -> dict:
+    """Only {'params', 'batch_stats'} of the saved train state (what inference needs), into the
+    shapes and shardings of `target_variables` (leaves: `jax.ShapeDtypeStruct` with a sharding)."""
+    restored = self._manager.restore(
+        step, args=ocp.args.Composite(**{_STATE: _restore_args(target_variables, partial=True)}))
+    return dict(restored[_STATE])
+
   def close(self) -> None:
     self._manager.close()
+
+
+def _restore_args(target: Any, partial: bool = False) -> ocp.args.PyTreeRestore:
+  return ocp.args.PyTreeRestore(item=target, partial_restore=partial,
+                                restore_args=ocp.checkpoint_utils.construct_restore_args(target))
 
 
 def abstract_like(tree: Any, sharding) -> Any:

@@ -1,24 +1,65 @@
-"""What the train and caption modes do, called by launch.py."""
+"""What the train and caption modes of launch.py do: training with its end-of-run report, and
+captioning a user's files."""
 
+import dataclasses
 import glob
 import json
 import os
 import sys
 
+import jax
+
 from capjax import evaluation
+from capjax import fileio
+from capjax import images
 from capjax import inference
+from capjax import input_pipeline
 from capjax import reporting
+from capjax import state as state_lib
 from capjax import train as train_lib
+from capjax.data import prepare
 
-IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
+NUM_EXAMPLES_PRINTED = 6
 
 
-def train(config, workdir: str) -> dict:
+@dataclasses.dataclass(frozen=True)
+class FinalReport:
+  """The end-of-run report on the test split (what `python launch.py` prints at the end)."""
+  test_loss: float
+  metrics: dict[str, float]  # greedy captions: BLEU-1..4, CIDEr
+  baseline: dict[str, float]  # the same metrics for the most common training caption everywhere
+  captions: list[dict]  # {'index', 'image_id', 'caption', 'references'} per test image
+
+
+def train(config, workdir: str) -> FinalReport:
   """Train (or resume), then report held-out captions and BLEU-4 against a trivial baseline."""
-  from capjax.data import sources  # pylint: disable=g-import-not-at-top
-  splits = sources.open_dataset(config.data)
+  splits = prepare.open_dataset(config.data)
   result = train_lib.train_and_evaluate(config, workdir, splits)
-  return evaluation.final_report(result, config, workdir, splits)
+  return final_report(result, config, workdir, splits)
+
+
+def final_report(result: train_lib.TrainResult, config, workdir: str, splits) -> FinalReport:
+  """After training: held-out loss, example captions next to references, BLEU-4 vs a trivial
+  baseline (what `python launch.py` prints at the end of the demo)."""
+  eval_fn = state_lib.compile_eval_step(state_lib.teacher_forced_logits(result.model), result.mesh)
+  test_loss = evaluation.split_loss(
+      eval_fn, result.state, splits['test'], result.vocab,
+      input_pipeline.PipelineConfig.from_config(config), batch_size=config.train.eval_batch_size,
+      mesh=result.mesh)
+  results = evaluation.caption_split(result.model, result.state, result.vocab, splits['test'],
+                                     result.mesh, config)
+  scores = evaluation.score_captions(results, ('bleu', 'cider'))
+  baseline, baseline_caption = evaluation.most_common_caption_baseline(splits['train'], results)
+  lines = [f'Test loss (per token): {test_loss:.4f}', 'Held-out test images (greedy):']
+  for r in results[:NUM_EXAMPLES_PRINTED]:
+    lines += [f"  {r['image_id']}", f"    model: {r['caption']}", f"    ref:   {r['references'][0]}"]
+  lines += [f"Test BLEU-4 {scores['Bleu_4']:.3f}  CIDEr {scores['CIDEr']:.3f}  ({len(results)} images)",
+            f"Trivial baseline (\"{baseline_caption}\" for every image): BLEU-4 "
+            f"{baseline['Bleu_4']:.3f}  CIDEr {baseline['CIDEr']:.3f}"]
+  reporting.say('\n'.join(lines))
+  if jax.process_index() == 0:
+    evaluation.save_caption_grid(results, splits['test'], os.path.join(workdir, 'test_examples.png'))
+  return FinalReport(test_loss=test_loss, metrics=scores, baseline=baseline, captions=results)
 
 
 def find_images(pattern: str) -> list[str]:
@@ -33,29 +74,30 @@ def find_images(pattern: str) -> list[str]:
   return paths
 
 
-def caption_images(workdir: str, images: str, *, output: str | None = None, beam_size: int = 3,
-                   checkpoint: str = 'best', length_penalty: float = 0.0, temperature: float = 0.0,
-                   top_k: int = 0) -> list[dict]:
-  """Prints `filename<TAB>caption` per image; unreadable files get an error line, the rest still run."""
-  if not images:
+def caption_images(workdir: str, images_pattern: str, *, output: str | None = None,
+                   beam_size: int = 3, checkpoint: str = 'best', length_penalty: float = 0.0,
+                   temperature: float = 0.0, top_k: int = 0) -> list[dict]:
+  """Prints `filename<TAB>caption` per image; unreadable files get an error line, the rest still run.
+  Images are read a batch at a time, so memory does not grow with the number of files."""
+  if not images_pattern:
     raise ValueError('--images is required in caption mode (a file, directory or glob)')
   captioner = inference.ImageCaptioner.from_workdir(workdir, checkpoint=checkpoint, beam_size=beam_size,
                                                     length_penalty=length_penalty,
                                                     temperature=temperature, top_k=top_k)
-  loaded, rows = [], []
-  for path in find_images(images):
-    try:
-      loaded.append((path, inference.load_image(path)))
-    except Exception as e:  # pylint: disable=broad-except
-      print(f'{path}: error: not a readable image ({type(e).__name__}: {e})', file=sys.stderr)
-      rows.append({'file': path, 'error': f'not a readable image: {e}'})
-  captions = captioner.caption([image for _, image in loaded]) if loaded else []
-  for (path, _), caption in zip(loaded, captions):
-    print(f'{path}\t{caption}', flush=True)
-    rows.append({'file': path, 'caption': caption})
+  paths, rows = find_images(images_pattern), []
+  for start in range(0, len(paths), captioner.batch_size):
+    loaded = []
+    for path in paths[start:start + captioner.batch_size]:
+      try:
+        loaded.append((path, images.load_image(path, captioner.image_size)))
+      except Exception as e:  # pylint: disable=broad-except
+        print(f'{path}: error: not a readable image ({type(e).__name__}: {e})', file=sys.stderr)
+        rows.append({'file': path, 'error': f'not a readable image: {e}'})
+    captions = captioner.caption([image for _, image in loaded]) if loaded else []
+    for (path, _), caption in zip(loaded, captions):
+      print(f'{path}\t{caption}', flush=True)
+      rows.append({'file': path, 'caption': caption})
   if output:
-    with open(output, 'w', encoding='utf-8') as f:
-      for row in rows:
-        f.write(json.dumps(row, ensure_ascii=False) + '\n')
+    fileio.write_text(output, ''.join(json.dumps(row, ensure_ascii=False) + '\n' for row in rows))
     reporting.say(f'Wrote {len(rows)} lines to {output}')
   return rows

@@ -25,7 +25,7 @@ To use under ``jax.jit``, close over the parameters and keep the keyword argumen
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -273,14 +273,3 @@ def sequence_log_prob(step_fn: StepFn, init_carry: Carry, tokens: jax.Array, end
   init = (init_carry, jnp.zeros((batch_size,), jnp.float32), jnp.zeros((batch_size,), bool))
   (_, total, _), _ = jax.lax.scan(body, init, (inputs.T, tokens.T))
   return total
-
-
-def strip_special(token_row: Sequence[int], end_id: int, pad_id: int) -> list[int]:
-  """Python-level: the token ids before the first END, with pads dropped."""
-  out = []
-  for token in (int(t) for t in token_row):
-    if token == end_id:
-      break
-    if token != pad_id:
-      out.append(token)
-  return out

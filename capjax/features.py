@@ -8,13 +8,12 @@ image size or trunk weights) is re-extracted, and `config.model.reextract_featur
 """
 
 import hashlib
-import json
 import os
 
 import jax
-from jax.experimental import multihost_utils
 import numpy as np
 
+from capjax import fileio
 from capjax import input_pipeline
 from capjax import mesh as mesh_lib
 from capjax import reporting
@@ -34,15 +33,11 @@ def extract_pooled_features(model, variables, source, mesh, *, image_size: int,
   extract = jax.jit(lambda v, images: model.apply(v, images, method=model.pooled_trunk_features),
                     in_shardings=(mesh_lib.replicated(mesh), mesh_lib.batch_sharded(mesh)),
                     out_shardings=mesh_lib.replicated(mesh))
-  host_batch = mesh_lib.check_batch_size(batch_size, mesh, 'eval_batch_size')
-  rows = {}
-  for batch in input_pipeline.caption_batches(source, image_size=image_size, host_batch_size=host_batch,
-                                              process_index=jax.process_index(),
-                                              process_count=jax.process_count()):
-    images = mesh_lib.host_batch_to_global({'image': batch['image']}, mesh)['image']
-    features = np.asarray(jax.device_get(extract(variables, images)))
-    indices = multihost_utils.process_allgather(batch['index'], tiled=True)
-    rows.update((int(i), f) for i, f in zip(indices, features) if i >= 0)
+  batches = input_pipeline.caption_batches(
+      source, image_size=image_size,
+      host_batch_size=mesh_lib.per_host_batch_size(batch_size, mesh, 'eval_batch_size'),
+      process_index=jax.process_index(), process_count=jax.process_count())
+  rows = mesh_lib.apply_to_host_batches(extract, variables, batches, mesh)
   return np.stack([rows[i] for i in range(len(source))]).astype(np.float32)
 
 
@@ -53,21 +48,16 @@ def load_or_extract(workdir: str, split: str, model, variables, source, mesh, *,
   meta = {'num_images': len(source), 'image_size': image_size,
           'trunk': _trunk_fingerprint(variables['params']['encoder']['trunk'])}
   if not reextract and os.path.exists(path) and os.path.exists(path + '.json'):
-    with open(path + '.json', encoding='utf-8') as f:
-      if json.load(f) == meta:
-        return np.load(path)
+    if fileio.read_json(path + '.json') == meta:
+      return np.load(path)
     reporting.say(f'{path} was made from other data or trunk weights: extracting again.')
   reporting.say(f'Extracting pooled trunk features for {len(source)} {split} images ...')
   features = extract_pooled_features(model, variables, source, mesh, image_size=image_size,
                                      batch_size=batch_size)
   if jax.process_index() == 0:
     os.makedirs(folder, exist_ok=True)
-    with open(path + '.tmp', 'wb') as f:  # np.save would append '.npy' to a '.tmp' name
-      np.save(f, features)
-    os.replace(path + '.tmp', path)
-    with open(path + '.json.tmp', 'w', encoding='utf-8') as f:
-      json.dump(meta, f)
-    os.replace(path + '.json.tmp', path + '.json')
+    fileio.write_npy(path, features)
+    fileio.write_json(path + '.json', meta)  # written last: it vouches for the .npy
   return features
 
 

@@ -9,17 +9,14 @@ Notebook use:
 from collections.abc import Sequence
 import dataclasses
 import functools
-import io
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-from jax.experimental import multihost_utils
 import numpy as np
-from PIL import Image
 
 from capjax import checkpointing
 from capjax import decoding
+from capjax import images as images_lib
 from capjax import input_pipeline
 from capjax import mesh as mesh_lib
 from capjax import vocab as vocab_lib
@@ -27,18 +24,26 @@ from capjax import workdir as workdir_lib
 from capjax.models import captioner
 
 
-def decode_images(model, variables, images, *, max_len: int, beam_size: int = 1,
-                  length_penalty: float = 0.0, temperature: float = 0.0, top_k: int = 0, seed: int = 0):
+def generate_tokens(model, variables, images, *, max_len: int, beam_size: int = 1,
+                    length_penalty: float = 0.0, temperature: float = 0.0, top_k: int = 0):
   """uint8 images (N, S, S, 3) -> token ids (N, max_len): `<END>` kept, `<PAD>` after it.
   Beam size 1 is greedy decoding; larger beams return the best hypothesis. temperature > 0 samples
   instead (optionally from the top_k words), for diverse captions."""
-  image_vec = model.apply(variables, images, method=model.encode)
-  carry = model.apply(variables, image_vec, method=model.start)
+  return generate_from_encoded(model, variables, model.apply(variables, images, method=model.encode),
+                               max_len=max_len, beam_size=beam_size, length_penalty=length_penalty,
+                               temperature=temperature, top_k=top_k)
+
+
+def generate_from_encoded(model, variables, encoded, *, max_len: int, beam_size: int = 1,
+                          length_penalty: float = 0.0, temperature: float = 0.0, top_k: int = 0):
+  """`generate_tokens` after the encoder: from the encoded images (N, ...) the decoder starts from.
+  Sampling (temperature > 0) uses a fixed key, so a caption call is repeatable."""
+  carry = model.apply(variables, encoded, method=model.start)
   step_fn = lambda c, t: model.apply(variables, c, t, method=model.step)  # noqa: E731
-  kwargs = dict(batch_size=images.shape[0], start_id=vocab_lib.START_ID, end_id=vocab_lib.END_ID,
+  kwargs = dict(batch_size=encoded.shape[0], start_id=vocab_lib.START_ID, end_id=vocab_lib.END_ID,
                 pad_id=vocab_lib.PAD_ID, max_len=max_len)
   if temperature > 0:
-    return decoding.sample_decode(step_fn, carry, jax.random.PRNGKey(seed), temperature=temperature,
+    return decoding.sample_decode(step_fn, carry, jax.random.PRNGKey(0), temperature=temperature,
                                   top_k=top_k, **kwargs)
   if beam_size == 1:
     return decoding.greedy_decode(step_fn, carry, **kwargs)
@@ -50,7 +55,7 @@ def decode_images(model, variables, images, *, max_len: int, beam_size: int = 1,
 def make_caption_fn(model, mesh, *, max_len: int, beam_size: int = 1, length_penalty: float = 0.0,
                     temperature: float = 0.0, top_k: int = 0):
   """(variables, images) -> tokens, compiled once; the batch is sharded over the mesh."""
-  fn = functools.partial(decode_images, model, max_len=max_len, beam_size=beam_size,
+  fn = functools.partial(generate_tokens, model, max_len=max_len, beam_size=beam_size,
                          length_penalty=length_penalty, temperature=temperature, top_k=top_k)
   return jax.jit(fn, in_shardings=(mesh_lib.replicated(mesh), mesh_lib.batch_sharded(mesh)),
                  out_shardings=mesh_lib.replicated(mesh))
@@ -60,21 +65,23 @@ def caption_source(caption_fn, variables, source, vocab, mesh, *, image_size: in
                    max_images: int | None = None) -> list[dict]:
   """Captions images of a split. Returns, on every process, one dict per image in source order:
   {'index', 'image_id', 'caption', 'references'}."""
-  host_batch = mesh_lib.check_batch_size(batch_size, mesh, 'eval_batch_size')
   limited = source if not max_images else _Prefix(source, max_images)
-  results = []
-  for batch in input_pipeline.caption_batches(limited, image_size=image_size, host_batch_size=host_batch,
-                                              process_index=jax.process_index(),
-                                              process_count=jax.process_count()):
-    images = mesh_lib.host_batch_to_global({'image': batch['image']}, mesh)['image']
-    tokens = caption_fn(variables, images)
-    indices = multihost_utils.process_allgather(batch['index'], tiled=True)
-    for index, row in zip(indices, np.asarray(jax.device_get(tokens))):
-      if index >= 0:
-        results.append((int(index), vocab.decode(row)))
-  results.sort()
-  return [{'index': i, 'image_id': input_pipeline.as_text(limited[i]['image_id']), 'caption': c,
-           'references': input_pipeline.record_captions(limited[i])} for i, c in results]
+  tokens = caption_tokens(caption_fn, variables, limited, mesh, image_size=image_size,
+                          batch_size=batch_size)
+  return [{'index': i, 'image_id': input_pipeline.as_text(limited[i]['image_id']),
+           'caption': vocab.decode(tokens[i]), 'references': input_pipeline.record_captions(limited[i])}
+          for i in sorted(tokens)]
+
+
+def caption_tokens(caption_fn, variables, source, mesh, *, image_size: int,
+                   batch_size: int) -> dict[int, np.ndarray]:
+  """{index: generated token row} for every image of `source`, on every process (each process
+  decodes its share of the images; `batch_size` is global)."""
+  batches = input_pipeline.caption_batches(
+      source, image_size=image_size,
+      host_batch_size=mesh_lib.per_host_batch_size(batch_size, mesh, 'eval_batch_size'),
+      process_index=jax.process_index(), process_count=jax.process_count())
+  return mesh_lib.apply_to_host_batches(caption_fn, variables, batches, mesh)
 
 
 class _Prefix:
@@ -92,15 +99,30 @@ class _Prefix:
     return self._source[i]
 
 
+class _LoadedImages:
+  """Images given to the Python API as a record source: each is loaded (by the one rule of
+  capjax/images.py) only when its batch is built, so memory stays bounded by the batch size."""
+
+  def __init__(self, images: Sequence[Any], image_size: int):
+    self._images, self._size = images, image_size
+
+  def __len__(self):
+    return len(self._images)
+
+  def __getitem__(self, i):
+    image = images_lib.load_image(self._images[i], self._size)
+    return {'pixels': np.asarray(image, np.uint8), 'image_id': str(i), 'captions': []}
+
+
 # ----------------------------------------------------------------------------------------------
 # Restoring a trained captioner
 # ----------------------------------------------------------------------------------------------
 
 
 def restore_variables(workdir: str, checkpoint: str | int | None, mesh, *, config=None):
-  """Restores the train state saved in `workdir` onto the devices of `mesh` (any device count).
-  Returns (config, vocab, model, variables, step)."""
-  from capjax import train  # pylint: disable=g-import-not-at-top
+  """Restores the model variables (params and batch_stats, not the optimizer state) saved in
+  `workdir` onto the devices of `mesh` (any device count). Returns (config, vocab, model, variables,
+  step)."""
   config = config or workdir_lib.load_config(workdir)
   vocab = workdir_lib.load_vocab(workdir)
   model = captioner.build_captioner(config.model, len(vocab))
@@ -108,30 +130,15 @@ def restore_variables(workdir: str, checkpoint: str | int | None, mesh, *, confi
       workdir_lib.checkpoint_dir(workdir), best_metric=config.train.best_metric,
       best_mode=config.train.best_mode, read_only=True)
   step = checkpointer.resolve_step(checkpoint)
-  target = train.abstract_train_state(config, model, mesh)
+  shapes = captioner.abstract_variables(model, config.data.image_size, config.data.max_caption_len)
+  target = checkpointing.abstract_like(shapes, mesh_lib.replicated(mesh))
   try:
-    state = checkpointer.restore(step, target)
+    variables = checkpointer.restore_variables(step, target)
   except ValueError as e:
     raise ValueError(f'checkpoint {step} in {workdir} does not match its config.json/vocab.json '
                      f'(vocabulary of {len(vocab)} tokens): {e}') from e
   checkpointer.close()
-  return config, vocab, model, state.variables, step
-
-
-def load_image(image: Any) -> Image.Image:
-  """A path, bytes, PIL image or uint8 array -> RGB PIL image (grayscale/CMYK/alpha converted)."""
-  if isinstance(image, Image.Image):
-    return image.convert('RGB')
-  if isinstance(image, np.ndarray):
-    return Image.fromarray(image.astype(np.uint8)).convert('RGB')
-  if isinstance(image, bytes):
-    image = io.BytesIO(image)
-  with Image.open(image) as opened:
-    if opened.mode in ('RGBA', 'LA', 'P'):
-      opened = opened.convert('RGBA')
-      background = Image.new('RGBA', opened.size, (255, 255, 255, 255))
-      return Image.alpha_composite(background, opened).convert('RGB')
-    return opened.convert('RGB')
+  return config, vocab, model, variables, step
 
 
 @dataclasses.dataclass
@@ -165,17 +172,16 @@ class ImageCaptioner:
                            length_penalty=self.length_penalty, temperature=self.temperature,
                            top_k=self.top_k)
 
+  def caption(self, images: Sequence[Any]) -> list[str]:
+    """Captions for paths, encoded bytes, PIL images or uint8 arrays, in order. With several
+    processes, every process passes the same images; each captions its share of them."""
+    if not len(images):
+      return []
+    tokens = caption_tokens(self._caption_fn, self.variables, _LoadedImages(images, self.image_size),
+                            self.mesh, image_size=self.image_size, batch_size=self._batch_size())
+    return [self.vocab.decode(tokens[i]) for i in range(len(images))]
+
   def _batch_size(self) -> int:
+    """`batch_size` rounded down to a multiple of the device count (at least one per device)."""
     devices = self.mesh.devices.size
     return max(devices, self.batch_size // devices * devices)
-
-  def caption(self, images: Sequence[Any]) -> list[str]:
-    pixels = [input_pipeline.resize_image(load_image(im), self.image_size) for im in images]
-    size = self._batch_size()
-    captions = []
-    for start in range(0, len(pixels), size):
-      chunk = pixels[start:start + size]
-      batch = np.stack(chunk + [chunk[-1]] * (size - len(chunk)))  # one static shape
-      tokens = jax.device_get(self._caption_fn(self.variables, jnp.asarray(batch)))
-      captions.extend(self.vocab.decode(row) for row in tokens[:len(chunk)])
-    return captions

@@ -14,7 +14,6 @@ Images leave the host as uint8; normalisation happens on the device.
 
 from collections.abc import Iterator, Sequence
 import dataclasses
-import io
 import math
 from typing import Any
 
@@ -22,6 +21,7 @@ import grain
 import numpy as np
 from PIL import Image
 
+from capjax import images
 from capjax import vocab as vocab_lib
 
 _SWAP_ON_FLIP = {'left': 'right', 'right': 'left'}
@@ -68,18 +68,11 @@ def record_captions(record: dict) -> list[str]:
   return [as_text(c) for c in record['captions']]
 
 
-def decode_image(encoded: bytes, min_side: int) -> Image.Image:
-  """Decodes to RGB; JPEG `draft` decodes at a reduced scale when the target is much smaller."""
-  image = Image.open(io.BytesIO(encoded))
-  image.draft('RGB', (min_side, min_side))  # no-op for non-JPEG; keeps >= min_side per side
-  return image.convert('RGB')
-
-
 def record_image(record: dict, min_side: int) -> Image.Image:
-  """The record's picture: pre-decoded pixels when the source caches them, else the JPEG bytes."""
+  """The record's picture: pre-decoded pixels when the source holds them, else its encoded file."""
   if 'pixels' in record:
     return Image.fromarray(record['pixels'])
-  return decode_image(as_bytes(record['image']), min_side)
+  return images.load_image(as_bytes(record['image']), min_side)
 
 
 class DecodedImageCache:
@@ -101,7 +94,7 @@ class DecodedImageCache:
       raise IndexError(f'record {index} of {self._length}')
     if index not in self._cache:
       record = self._source[index]
-      image = decode_image(as_bytes(record['image']), self._min_side)
+      image = images.load_image(as_bytes(record['image']), self._min_side)
       scale = self._min_side / min(image.size)
       if scale < 1:
         image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
@@ -153,10 +146,6 @@ def augment_image(image: Image.Image, rng: np.random.Generator, size: int,
   return np.clip(pixels + 0.5, 0, 255).astype(np.uint8), flipped
 
 
-def resize_image(image: Image.Image, size: int) -> np.ndarray:
-  return np.asarray(image.resize((size, size), Image.BILINEAR), np.uint8)
-
-
 class LookupPair(grain.transforms.Map):
   """Pair index -> (record, caption index); caption k of an image with n captions is k mod n.
   With `random_caption`, the index is an image index and the caption index -1 means 'draw one'."""
@@ -171,6 +160,14 @@ class LookupPair(grain.transforms.Map):
     return self._source[image_index], (-1 if self._random else caption_index)
 
 
+def _pick_caption(record: dict, caption_index: int, rng: np.random.Generator | None) -> str:
+  """Caption k of the record (k mod its caption count); k < 0 draws one with `rng`."""
+  captions = record_captions(record)
+  if caption_index < 0:
+    caption_index = int(rng.integers(len(captions)))
+  return captions[caption_index % len(captions)]
+
+
 class TrainExample(grain.transforms.RandomMap):
   """(record, caption k) -> {'image': uint8 (S, S, 3), 'tokens': int32 (L,)} with augmentation.
   caption k < 0 picks one caption at random (the 'one random caption per image' mode)."""
@@ -181,17 +178,20 @@ class TrainExample(grain.transforms.RandomMap):
 
   def random_map(self, element, rng: np.random.Generator):
     record, caption_index = element
-    captions = record_captions(record)
-    if caption_index < 0:
-      caption_index = int(rng.integers(len(captions)))
-    caption = captions[caption_index % len(captions)]
-    if 'features' in record:  # cached encoder features: no image, so no augmentation
-      return {'features': record['features'], 'tokens': self._vocab.encode(caption, self._max_len)}
-    image = record_image(record, self._size)
-    pixels, flipped = augment_image(image, rng, self._size, self._augment)
+    caption = _pick_caption(record, caption_index, rng)
+    pixels, flipped = augment_image(record_image(record, self._size), rng, self._size, self._augment)
     if flipped:
       caption = swap_left_right(caption)
     return {'image': pixels, 'tokens': self._vocab.encode(caption, self._max_len)}
+
+
+class FeatureTrainExample(TrainExample):
+  """(record with cached 'features', caption k) -> {'features', 'tokens'}: no image, so no augmentation."""
+
+  def random_map(self, element, rng: np.random.Generator):
+    record, caption_index = element
+    caption = _pick_caption(record, caption_index, rng)
+    return {'features': record['features'], 'tokens': self._vocab.encode(caption, self._max_len)}
 
 
 class EvalExample(grain.transforms.Map):
@@ -202,16 +202,22 @@ class EvalExample(grain.transforms.Map):
 
   def map(self, element):
     record, caption_index = element
-    captions = record_captions(record)
-    tokens = self._vocab.encode(captions[caption_index % len(captions)], self._max_len)
-    if 'features' in record:
-      return {'features': record['features'], 'tokens': tokens}
-    image = record_image(record, self._size)
-    return {'image': resize_image(image, self._size), 'tokens': tokens}
+    tokens = self._vocab.encode(_pick_caption(record, caption_index, None), self._max_len)
+    return {'image': images.resize_image(record_image(record, self._size), self._size),
+            'tokens': tokens}
+
+
+class FeatureEvalExample(EvalExample):
+  """(record with cached 'features', caption k) -> {'features', 'tokens'}."""
+
+  def map(self, element):
+    record, caption_index = element
+    tokens = self._vocab.encode(_pick_caption(record, caption_index, None), self._max_len)
+    return {'features': record['features'], 'tokens': tokens}
 
 
 class ImageForCaptioning(grain.transforms.Map):
-  """(index, record) -> resized image with its index, id and every reference (for metrics and caption output)."""
+  """(index, record) -> resized image with its index, id and every reference (metrics, caption output)."""
 
   def __init__(self, image_size: int):
     self._size = image_size
@@ -219,23 +225,50 @@ class ImageForCaptioning(grain.transforms.Map):
   def map(self, element):
     index, record = element
     image = record_image(record, self._size)
-    return {'image': resize_image(image, self._size), 'index': np.int32(index),
+    return {'image': images.resize_image(image, self._size), 'index': np.int32(index),
             'image_id': as_text(record['image_id']), 'references': record_captions(record)}
 
 
-def make_train_iterator(source, vocab, *, image_size: int, max_caption_len: int, host_batch_size: int,
-                        captions_per_image: int, augment: AugmentConfig, seed: int,
-                        process_index: int = 0, process_count: int = 1, num_workers: int = 0,
-                        random_caption: bool = False, read_threads: int = 4, prefetch_batches: int = 4):
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+  """What the training and loss pipelines need from `config.data` (and the run's seed).
+
+  `from_features`: the source holds cached pooled trunk features instead of images (the 'cached'
+  encoder mode); the examples then carry 'features' and no augmentation is possible."""
+  image_size: int
+  max_caption_len: int
+  captions_per_image: int
+  random_caption: bool = False
+  augment: AugmentConfig = AugmentConfig()
+  seed: int = 0
+  num_workers: int = 0  # grain worker processes (an iterator state restores only with the same count)
+  read_threads: int = 4
+  prefetch_batches: int = 4
+  from_features: bool = False
+
+  @classmethod
+  def from_config(cls, config, *, from_features: bool = False) -> 'PipelineConfig':
+    data = config.data
+    return cls(image_size=data.image_size, max_caption_len=data.max_caption_len,
+               captions_per_image=data.captions_per_image, random_caption=data.random_caption,
+               augment=AugmentConfig.from_config(data.augment), seed=config.seed,
+               num_workers=data.num_workers, read_threads=data.read_threads,
+               prefetch_batches=data.prefetch_batches, from_features=from_features)
+
+
+def make_train_iterator(source, vocab, cfg: PipelineConfig, *, host_batch_size: int,
+                        process_index: int = 0, process_count: int = 1):
   """An endless, checkpointable iterator of host batches; see the module docstring for the chain."""
-  pairs = grain.MapDataset.range(num_train_pairs(len(source), captions_per_image, random_caption))
-  ds = pairs[process_index::process_count].shuffle(seed=seed).repeat()
-  ds = ds.map(LookupPair(source, captions_per_image, random_caption))
-  ds = ds.random_map(TrainExample(vocab, image_size, max_caption_len, augment), seed=seed)
+  pairs = grain.MapDataset.range(
+      num_train_pairs(len(source), cfg.captions_per_image, cfg.random_caption))
+  ds = pairs[process_index::process_count].shuffle(seed=cfg.seed).repeat()
+  ds = ds.map(LookupPair(source, cfg.captions_per_image, cfg.random_caption))
+  example = FeatureTrainExample if cfg.from_features else TrainExample
+  ds = ds.random_map(example(vocab, cfg.image_size, cfg.max_caption_len, cfg.augment), seed=cfg.seed)
   ds = ds.batch(host_batch_size, drop_remainder=True).to_iter_dataset(
-      read_options(read_threads, prefetch_batches))
-  if num_workers > 0:
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+      read_options(cfg.read_threads, cfg.prefetch_batches))
+  if cfg.num_workers > 0:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
   return iter(ds)
 
 
@@ -248,8 +281,8 @@ def pad_batch(examples: Sequence[dict], batch_size: int) -> dict[str, np.ndarray
   (1 real, 0 padding) so every eval batch has one static shape."""
   n = len(examples)
   padded = list(examples) + [examples[-1]] * (batch_size - n)
-  batch = {k: np.stack([e[k] for e in padded]) for k in ('image', 'features', 'tokens', 'index')
-           if k in examples[0]}
+  batch = {k: np.stack([e[k] for e in padded]) for k, v in examples[0].items()
+           if isinstance(v, (np.ndarray, np.generic))}
   batch['weight'] = (np.arange(batch_size) < n).astype(np.float32)
   if 'index' in batch:
     batch['index'][n:] = -1
@@ -282,15 +315,15 @@ def _equal_count_chunks(ds, *, total: int, host_batch_size: int, process_count: 
     yield (last or [filler()]), False
 
 
-def eval_pair_batches(source, vocab, *, image_size: int, max_caption_len: int, host_batch_size: int,
-                      captions_per_image: int, process_index: int = 0,
-                      process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+def eval_pair_batches(source, vocab, cfg: PipelineConfig, *, host_batch_size: int,
+                      process_index: int = 0, process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
   """Every (image, caption k) pair of the split once, in order, padded batches with 'weight'.
   Every host yields the same number of batches (padding with weight 0) so collectives line up."""
-  total = len(source) * captions_per_image
-  to_example = EvalExample(vocab, image_size, max_caption_len)
+  total = len(source) * cfg.captions_per_image
+  to_example = (FeatureEvalExample if cfg.from_features else EvalExample)(
+      vocab, cfg.image_size, cfg.max_caption_len)
   ds = grain.MapDataset.range(total)[process_index::process_count]
-  ds = ds.map(LookupPair(source, captions_per_image)).map(to_example)
+  ds = ds.map(LookupPair(source, cfg.captions_per_image)).map(to_example)
   for chunk, real in _equal_count_chunks(ds, total=total, host_batch_size=host_batch_size,
                                          process_count=process_count,
                                          filler=lambda: to_example.map((source[0], 0))):

@@ -29,6 +29,7 @@ from typing import Iterable, Mapping, Sequence
 
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS, PTBTokenizer
 
@@ -48,7 +49,8 @@ TOKENIZERS = ('auto', 'ptb', 'python')
 # ----------------------------------------------------------------------------- public API
 
 def compute_caption_metrics(candidates: Mapping[str, str], references: Mapping[str, Sequence[str]], *,
-                            metrics: Iterable[str] = DEFAULT_METRICS, tokenizer: str = 'auto') -> dict[str, float]:
+                            metrics: Iterable[str] = DEFAULT_METRICS,
+                            tokenizer: str = 'auto') -> dict[str, float]:
   """Corpus-level coco-caption scores of one candidate caption per image against its references.
 
   candidates: image id -> generated caption (raw text). references: image id -> reference captions
@@ -141,8 +143,7 @@ def _bleu(gts, res) -> dict[str, float]:
 
 
 def _meteor(gts, res) -> dict[str, float]:
-  from pycocoevalcap.meteor.meteor import Meteor  # starts a JVM (~9 s), so only when asked for
-  scorer = Meteor()
+  scorer = Meteor()  # starts a JVM (~9 s): only when METEOR is asked for
   try:
     score, _ = scorer.compute_score(gts, res)
   finally:
@@ -182,11 +183,14 @@ _CHAR_REWRITES = {'\u201c': '"', '\u201d': '"', '\u2018': "'", '\u2019': "'", '\
 # Single-character tokens PTB escapes. With -lowerCase the bracket escapes come out lower-case
 # ('-lrb-'), which pycocoevalcap's PUNCTUATIONS (upper-case) does not match, so coco-caption keeps
 # them as words; so do we. PTB turns '"' into `` or '', both dropped.
-_TOKEN_REWRITES = {'(': '-lrb-', ')': '-rrb-', '{': '-lcb-', '}': '-rcb-', '[': '-lsb-', ']': '-rsb-', '"': "''"}
+_TOKEN_REWRITES = {'(': '-lrb-', ')': '-rrb-', '{': '-lcb-', '}': '-rcb-', '[': '-lsb-', ']': '-rsb-',
+                   '"': "''"}
 # Title-like abbreviations that keep their period (PTB has a much longer list).
-_ABBREVIATIONS = {'mr', 'mrs', 'ms', 'dr', 'st', 'jr', 'sr', 'vs', 'etc', 'prof', 'mt', 'ft', 'inc', 'co', 'ltd'}
+_ABBREVIATIONS = {'mr', 'mrs', 'ms', 'dr', 'st', 'jr', 'sr', 'vs', 'etc', 'prof', 'mt', 'ft', 'inc', 'co',
+                  'ltd'}
 _CLITIC_RE = re.compile(r"^(.+?)(n't|'s|'re|'ve|'ll|'d|'m)$")
-_SPLIT_WORDS = {'cannot': ('can', 'not'), 'gonna': ('gon', 'na'), 'wanna': ('wan', 'na'), 'gotta': ('got', 'ta')}
+_SPLIT_WORDS = {'cannot': ('can', 'not'), 'gonna': ('gon', 'na'), 'wanna': ('wan', 'na'),
+                'gotta': ('got', 'ta')}
 _WORD = r"[^\W_]+"  # letters and digits, any script
 _TOKEN_RE = re.compile(rf"""
       (?:[^\W\d_]\.){{2,}}                      # initialisms keep their periods: u.s. p.m. t.v. e.g.

@@ -5,7 +5,9 @@ import time
 
 from absl import logging
 import jax
+from matplotlib.figure import Figure
 import numpy as np
+from tensorboardX import SummaryWriter
 
 
 def say(message: str) -> None:
@@ -69,7 +71,6 @@ def log_epoch(record: dict, writer) -> None:
 def make_writer(workdir: str):
   if jax.process_index() != 0:
     return None
-  from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
   return SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
 
@@ -80,11 +81,9 @@ def close_writer(writer) -> None:
 
 def plot_loss_curves(history: list[dict], path: str) -> None:
   """Train vs validation loss per epoch, like the seed's figure."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   epochs = [h['epoch'] for h in history]
-  fig, ax = plt.subplots(figsize=(7, 4.5))
+  fig = Figure(figsize=(7, 4.5))
+  ax = fig.subplots()
   ax.plot(epochs, [h['train_loss'] for h in history], marker='o', label='train')
   ax.plot(epochs, [h['val_loss'] for h in history], marker='o', label='validation')
   ax.set_xlabel('epoch')
@@ -94,4 +93,3 @@ def plot_loss_curves(history: list[dict], path: str) -> None:
   ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)

@@ -9,11 +9,11 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 import dataclasses
 import hashlib
-import json
-import os
 import re
 
 import numpy as np
+
+from capjax import fileio
 
 PAD, START, END, UNK = '<PAD>', '<START>', '<END>', '<UNK>'
 SPECIALS = (PAD, START, END, UNK)
@@ -66,15 +66,11 @@ class Vocabulary:
   def save(self, path: str) -> None:
     payload = {'min_count': self.min_count, 'size': len(self), 'fingerprint': self.fingerprint(),
                'words': list(self.words)}
-    tmp = path + '.tmp'
-    with open(tmp, 'w', encoding='utf-8') as f:
-      json.dump(payload, f, ensure_ascii=False, indent=0)
-    os.replace(tmp, path)  # never leave a half-written vocabulary behind
+    fileio.write_json(path, payload, indent=0)
 
   @classmethod
   def load(cls, path: str) -> 'Vocabulary':
-    with open(path, encoding='utf-8') as f:
-      payload = json.load(f)
+    payload = fileio.read_json(path)
     try:
       vocab = cls(tuple(payload['words']), int(payload.get('min_count', 5)))
     except (KeyError, TypeError) as e:

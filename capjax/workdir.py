@@ -8,13 +8,13 @@
     <workdir>/loss_curves.png   train vs validation loss
 """
 
-import json
 import os
 
 from absl import logging
 import jax
 import ml_collections
 
+from capjax import fileio
 from capjax import vocab as vocab_lib
 from capjax.input_pipeline import record_captions
 
@@ -23,24 +23,16 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(workdir, 'checkpoints')
 
 
-def _write_json_atomically(path: str, payload) -> None:
-  tmp = f'{path}.tmp{jax.process_index()}'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(payload, f, indent=1, ensure_ascii=False)
-  os.replace(tmp, path)
-
-
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   if jax.process_index() == 0:
-    _write_json_atomically(os.path.join(workdir, 'config.json'), config.to_dict())
+    fileio.write_json(os.path.join(workdir, 'config.json'), config.to_dict())
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path} not found: is {workdir} a capjax training workdir?')
-  with open(path, encoding='utf-8') as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = ml_collections.ConfigDict(fileio.read_json(path))
   # JSON turns tuples into lists; the model wants tuples.
   config.model.stage_sizes = tuple(config.model.stage_sizes)
   return config
@@ -74,22 +66,17 @@ def load_or_build_vocab(workdir: str, data_config, train_source) -> vocab_lib.Vo
   return vocab
 
 
-def load_vocab(workdir: str, expected_size: int | None = None) -> vocab_lib.Vocabulary:
-  vocab = vocab_lib.Vocabulary.load(vocab_path(workdir))
-  if expected_size is not None and len(vocab) != expected_size:
-    raise ValueError(f'{vocab_path(workdir)} has {len(vocab)} tokens but the checkpoint was trained '
-                     f'with {expected_size}: the vocabulary does not belong to this checkpoint')
-  return vocab
+def load_vocab(workdir: str) -> vocab_lib.Vocabulary:
+  return vocab_lib.Vocabulary.load(vocab_path(workdir))
 
 
 def save_history(workdir: str, history: list[dict]) -> None:
   if jax.process_index() == 0:
-    _write_json_atomically(os.path.join(workdir, 'history.json'), history)
+    fileio.write_json(os.path.join(workdir, 'history.json'), history)
 
 
 def load_history(workdir: str) -> list[dict]:
   path = os.path.join(workdir, 'history.json')
   if not os.path.exists(path):
     return []
-  with open(path, encoding='utf-8') as f:
-    return json.load(f)
+  return fileio.read_json(path)

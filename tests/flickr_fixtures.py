@@ -85,6 +85,14 @@ def image_file_bytes(kind: str, seed: int) -> bytes:
     palette = img.convert('P', palette=Image.Palette.ADAPTIVE, colors=8)
     palette.info['transparency'] = 0
     return png_bytes(palette)
+  if kind == 'rgba':  # alpha varies over the picture
+    alpha = Image.fromarray((_pixels(seed + 1)[..., 0] // 2 * 2).astype(np.uint8), 'L')
+    return png_bytes(Image.merge('RGBA', (*img.split(), alpha)))
+  if kind == 'la':
+    alpha = Image.fromarray(_pixels(seed + 1)[..., 0], 'L')
+    return png_bytes(Image.merge('LA', (img.convert('L'), alpha)))
+  if kind == 'gray16':  # 16-bit grayscale PNG; PIL's convert('RGB') would clip it to white
+    return png_bytes(Image.fromarray(_pixels(seed)[..., 0].astype(np.uint16) * 257))
   if kind == 'truncated':
     data = jpeg_bytes(img)
     return data[:len(data) * 2 // 3]
@@ -93,7 +101,9 @@ def image_file_bytes(kind: str, seed: int) -> bytes:
   raise ValueError(kind)
 
 
-CONVERTED_KINDS = ('gray', 'cmyk', 'progressive', 'png', 'palette_alpha')
+# Kinds whose pixels are not stored RGB (converted by capjax.images.load_image when read).
+CONVERTED_KINDS = ('gray', 'cmyk', 'palette_alpha', 'rgba', 'la', 'gray16')
+STORED_RGB_KINDS = ('rgb', 'progressive', 'png')
 BAD_KINDS = ('truncated', 'garbage')
 
 

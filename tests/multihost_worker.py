@@ -28,7 +28,7 @@ def main(process_id: int, port: int, workdir: str) -> None:
             for s, n in [('train', 16), ('validation', 8), ('test', 8)]}
   result = train.train_and_evaluate(config, workdir, splits)
   out = {'process_index': jax.process_index(), 'devices': jax.device_count(),
-         'step_losses': result['step_losses'], 'history': result['history']}
+         'step_losses': result.step_losses, 'history': result.history}
   with open(os.path.join(workdir, f'process_{process_id}.json'), 'w') as f:
     json.dump(out, f)
 

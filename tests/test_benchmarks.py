@@ -8,7 +8,7 @@ import pytest
 
 from benchmarks import harness
 from benchmarks import structural_wins
-from capjax import train
+from capjax import state as state_lib
 from capjax import vocab as vocab_lib
 from capjax.models import captioner
 
@@ -35,7 +35,7 @@ def test_projection_layouts_compute_the_same_loss_and_gradients(readout_inside):
 
   def loss(model, p):
     logits = model.apply({'params': p}, image_vec, tokens[:, :-1])
-    loss_sum, count = train.token_cross_entropy(logits, tokens)
+    loss_sum, count = state_lib.token_cross_entropy(logits, tokens)
     return loss_sum / count
 
   expected_loss, expected_grads = jax.value_and_grad(lambda p: loss(reference, p))(params)

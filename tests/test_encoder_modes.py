@@ -6,6 +6,7 @@ import numpy as np
 import optax
 import pytest
 
+from capjax import state as state_lib
 from capjax import train
 from capjax.data import shapes
 from configs import tiny
@@ -21,7 +22,7 @@ def _params():
 def test_fixed_trunk_gets_no_update_not_even_weight_decay(mode):
   config = tiny.get_config()
   params = _params()
-  tx = train.make_optimizer(config.train, optax.constant_schedule(0.1), mode)
+  tx = state_lib.make_optimizer(config.train, optax.constant_schedule(0.1), mode)
   grads = jax.tree.map(jnp.ones_like, params)
   updates, _ = tx.update(grads, tx.init(params), params)
   assert float(jnp.abs(updates['encoder']['trunk']['conv']['kernel']).max()) == 0
@@ -32,7 +33,7 @@ def test_warmup_freezes_the_trunk_then_trains_it_slower():
   config = tiny.get_config()
   config.train.encoder_lr_factor = 0.1
   params = _params()
-  tx = train.make_optimizer(config.train, optax.constant_schedule(0.1), 'train', frozen_steps=2)
+  tx = state_lib.make_optimizer(config.train, optax.constant_schedule(0.1), 'train', frozen_steps=2)
   grads = jax.tree.map(jnp.ones_like, params)
   opt_state = tx.init(params)
   trunk, head = [], []
@@ -56,8 +57,8 @@ def test_cached_features_train_exactly_like_the_frozen_trunk(tmp_path):
     config.train.num_epochs = 1
     config.train.metrics_every_epochs = 0
     result = train.train_and_evaluate(config, str(tmp_path / mode), splits)
-    losses[mode] = [result['step_losses'][s] for s in sorted(result['step_losses'])]
-    losses[mode + '_val'] = result['history'][-1]['val_loss']
+    losses[mode] = [result.step_losses[s] for s in sorted(result.step_losses)]
+    losses[mode + '_val'] = result.history[-1]['val_loss']
   np.testing.assert_allclose(losses['cached'], losses['frozen'], rtol=2e-4)
   np.testing.assert_allclose(losses['cached_val'], losses['frozen_val'], rtol=2e-4)
   assert (tmp_path / 'cached' / 'features' / 'train.npy').exists()

@@ -34,8 +34,8 @@ def test_training_writes_everything_eval_needs(trained):
   history = json.load(open(os.path.join(workdir, 'history.json')))
   assert [h['epoch'] for h in history] == [1, 2]
   assert all('Bleu_4' in h and 'CIDEr' in h for h in history)
-  assert 0.0 <= summary['metrics']['Bleu_4'] <= 1.0
-  assert len(summary['captions']) == 16
+  assert 0.0 <= summary.metrics['Bleu_4'] <= 1.0
+  assert len(summary.captions) == 16
 
 
 def test_best_checkpoint_is_the_best_validation_cider(trained):

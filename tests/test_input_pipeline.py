@@ -17,11 +17,12 @@ def _vocab(source):
   return vocab_lib.build_vocabulary([c for r in source for c in r['captions']], min_count=1)
 
 
-def _iterator(source, **kwargs):
-  args = dict(image_size=32, max_caption_len=12, host_batch_size=4, captions_per_image=5,
-              augment=AUGMENT, seed=3)
+def _iterator(source, host_batch_size=4, process_index=0, process_count=1, **kwargs):
+  args = dict(image_size=32, max_caption_len=12, captions_per_image=5, augment=AUGMENT, seed=3)
   args.update(kwargs)
-  return input_pipeline.make_train_iterator(source, _vocab(source), **args)
+  return input_pipeline.make_train_iterator(
+      source, _vocab(source), input_pipeline.PipelineConfig(**args), host_batch_size=host_batch_size,
+      process_index=process_index, process_count=process_count)
 
 
 def test_batches_have_the_right_shapes_and_dtypes():
@@ -88,9 +89,8 @@ def test_flip_swaps_left_and_right():
 
 def test_eval_batches_are_padded_with_zero_weight():
   source = _source(3)
-  batches = list(input_pipeline.eval_pair_batches(source, _vocab(source), image_size=32,
-                                                  max_caption_len=12, host_batch_size=4,
-                                                  captions_per_image=5))
+  pipeline = input_pipeline.PipelineConfig(image_size=32, max_caption_len=12, captions_per_image=5)
+  batches = list(input_pipeline.eval_pair_batches(source, _vocab(source), pipeline, host_batch_size=4))
   assert len(batches) == 4  # 15 pairs
   assert sum(b['weight'].sum() for b in batches) == 15
   captions = list(input_pipeline.caption_batches(source, image_size=32, host_batch_size=2))

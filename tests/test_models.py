@@ -9,7 +9,7 @@ from capjax.models import resnet
 
 
 def test_resnet50_shapes_and_parameter_count():
-  model = resnet.resnet50()
+  model = resnet.ResNet()  # the defaults are ResNet50
   images = jnp.zeros((1, 224, 224, 3))
   variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images, train=False))
   features = jax.eval_shape(lambda v: model.apply(v, images, train=False), variables)

@@ -146,7 +146,7 @@ def test_safetensors_and_pth_give_the_same_arrays(resnet50_files):
 
 def test_converted_tree_is_exactly_our_resnet50_tree(resnet50_files):
   converted = pretrained.resnet_variables_from_torch(resnet50_files['state_dict'])
-  expected = jax.eval_shape(lambda: resnet.resnet50().init(
+  expected = jax.eval_shape(lambda: resnet.ResNet().init(
       jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False))
   shapes = lambda tree: jax.tree.map(lambda x: (tuple(x.shape), x.dtype), tree)  # noqa: E731
   assert shapes(converted) == shapes(expected)

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 from capjax import train
-from capjax.data import sources
+from capjax.data import prepare
 from configs import tiny
 import flickr_fixtures
 
@@ -31,9 +31,9 @@ def test_prepare_command_then_train_on_the_prepared_flickr8k(tmp_path):
   config.train.eval_batch_size = 8
   config.train.num_epochs = 1
   config.train.metrics_every_epochs = 0
-  splits = sources.open_dataset(config.data)
+  splits = prepare.open_dataset(config.data)
   expected = fixture.split_sizes(without_bad=True)
   assert {s: len(splits[s]) for s in expected} == expected
   result = train.train_and_evaluate(config, str(tmp_path / 'workdir'), splits)
-  assert result['history'][0]['val_loss'] > 0
-  assert len(result['step_losses']) == len(splits['train']) * 5 // 8
+  assert result.history[0]['val_loss'] > 0
+  assert len(result.step_losses) == len(splits['train']) * 5 // 8

@@ -7,9 +7,11 @@ import optax
 import pytest
 
 from capjax import mesh as mesh_lib
+from capjax import state as state_lib
 from capjax import train
 from capjax import vocab as vocab_lib
 from capjax.data import shapes
+from capjax.models import captioner
 from configs import tiny
 
 
@@ -21,11 +23,10 @@ def _tiny_config():
 
 def _setup(config, devices, vocab_size=30):
   mesh = mesh_lib.make_mesh(devices)
-  from capjax.models import captioner
   model = captioner.build_captioner(config.model, vocab_size)
-  schedule = train.make_schedule(config.train, steps_per_epoch=10, total_steps=50)
-  tx = train.make_optimizer(config.train, schedule, config.model.encoder_mode)
-  state = train.create_train_state(model, tx, 0, config.data.image_size, config.data.max_caption_len,
+  schedule = state_lib.make_schedule(config.train, steps_per_epoch=10, total_steps=50)
+  tx = state_lib.make_optimizer(config.train, schedule, config.model.encoder_mode)
+  state = state_lib.create_train_state(model, tx, 0, config.data.image_size, config.data.max_caption_len,
                                    mesh)
   return mesh, model, tx, state
 
@@ -48,7 +49,7 @@ def test_eight_device_step_equals_one_device_step():
   results = []
   for devices in (jax.devices()[:1], jax.devices()):
     mesh, model, tx, state = _setup(config, devices)
-    step = train.compile_train_step(model, tx, mesh)
+    step = state_lib.compile_train_step(state_lib.teacher_forced_logits(model), tx, mesh)
     losses = []
     for i in range(3):
       state, metrics = step(state, mesh_lib.host_batch_to_global(_batch(seed=i), mesh))
@@ -64,9 +65,9 @@ def test_eight_device_step_equals_one_device_step():
 def test_loss_decreases_on_a_fixed_batch():
   config = _tiny_config()
   mesh, model, _, _ = _setup(config, jax.devices())
-  tx = train.make_optimizer(config.train, optax.constant_schedule(1e-2), 'train')
-  state = train.create_train_state(model, tx, 0, 32, 12, mesh)
-  step = train.compile_train_step(model, tx, mesh)
+  tx = state_lib.make_optimizer(config.train, optax.constant_schedule(1e-2), 'train')
+  state = state_lib.create_train_state(model, tx, 0, 32, 12, mesh)
+  step = state_lib.compile_train_step(state_lib.teacher_forced_logits(model), tx, mesh)
   batch = mesh_lib.host_batch_to_global(_batch(), mesh)
   losses = []
   for _ in range(25):
@@ -78,10 +79,10 @@ def test_loss_decreases_on_a_fixed_batch():
 def test_padding_is_masked_and_weighted():
   logits = jnp.zeros((2, 3, 5))
   tokens = jnp.array([[1, 4, 2, 0], [1, 4, 4, 2]])
-  loss_sum, count = train.token_cross_entropy(logits, tokens)
+  loss_sum, count = state_lib.token_cross_entropy(logits, tokens)
   assert float(count) == 5  # row 0: targets 4, <END>; row 1: 4, 4, <END>
   np.testing.assert_allclose(loss_sum, 5 * np.log(5), rtol=1e-6)
-  _, weighted = train.token_cross_entropy(logits, tokens, jnp.array([1.0, 0.0]))
+  _, weighted = state_lib.token_cross_entropy(logits, tokens, jnp.array([1.0, 0.0]))
   assert float(weighted) == 2
 
 
@@ -94,7 +95,7 @@ def test_resume_after_kill_gives_identical_losses(tmp_path, monkeypatch):
   config = _tiny_config()
   config.train.checkpoint_every_steps = 3
   splits = _records(num_train=24)  # 120 pairs: 7 steps per epoch, 14 in all
-  uninterrupted = train.train_and_evaluate(config, str(tmp_path / 'a'), splits)['step_losses']
+  uninterrupted = train.train_and_evaluate(config, str(tmp_path / 'a'), splits).step_losses
   assert len(uninterrupted) == 14
 
   real_draw = train._draw_batches
@@ -110,7 +111,7 @@ def test_resume_after_kill_gives_identical_losses(tmp_path, monkeypatch):
     train.train_and_evaluate(config, str(tmp_path / 'b'), splits)
   monkeypatch.setattr(train, '_draw_batches', real_draw)
   resumed = train.train_and_evaluate(config, str(tmp_path / 'b'), splits)
-  assert min(resumed['step_losses']) == 10  # resumed from the checkpoint at step 9
-  for step, loss in resumed['step_losses'].items():
+  assert min(resumed.step_losses) == 10  # resumed from the checkpoint at step 9
+  for step, loss in resumed.step_losses.items():
     assert loss == pytest.approx(uninterrupted[step], rel=1e-6, abs=1e-6), step
-  assert [h['step'] for h in resumed['history']] == [7, 14]
+  assert [h['step'] for h in resumed.history] == [7, 14]

@@ -1,23 +1,21 @@
 """The tensorflow-datasets builder for capjax caption data (`capjax_captions`).
 
-Configs: ``flickr8k``, ``flickr30k`` and ``coco`` read a manually downloaded
-dataset from ``dl_manager.manual_dir`` (see `capjax.data.layouts`); ``shapes``
-generates the procedural demo set with `capjax.data.shapes.generate_records`.
-Use `shapes_config(...)` for a shapes set of another size.
+Configs: ``flickr8k``, ``flickr30k`` and ``coco`` read a manually downloaded dataset from
+``dl_manager.manual_dir`` (see `capjax.data.layouts`); ``shapes`` generates the procedural demo set with
+`capjax.data.shapes.generate_records`. Use `shapes_config(...)` for a shapes set of another size.
 
-Data is written as array_record and read with `tfds.data_source` /
-`builder.as_data_source()`, which needs no TensorFlow. A record read back is a
-dict with:
+Data is written as array_record and read with `tfds.data_source` / `builder.as_data_source()`, which needs no
+TensorFlow. A record read back is a dict with:
 
-* ``'image'``: ``bytes``, the encoded RGB JPEG (decode with PIL);
+* ``'image'``: ``bytes``, the image file as it was (JPEG, PNG, ...; decode with `capjax.images.load_image`,
+  which converts every mode to RGB by one rule);
 * ``'image_id'``: ``bytes`` (UTF-8), e.g. ``b'1000268201_693b08cb0e.jpg'``;
 * ``'captions'``: ``list`` of ``bytes`` (UTF-8), in file order.
 
 (Measured with tensorflow-datasets 4.9.10; text is not decoded to ``str``.)
 
-Every build writes `SUMMARY_FILE` (images and captions per split, skipped
-items with reasons, repairs and conversions) next to the prepared data and
-logs the same summary.
+Every build writes `SUMMARY_FILE` (images and captions per split, skipped items with reasons, repairs and
+conversions) next to the prepared data and logs the same summary.
 """
 
 from __future__ import annotations
@@ -31,7 +29,9 @@ from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
+from capjax import images
 from capjax.data import layouts
+from capjax.data import shapes
 
 SUMMARY_FILE = 'capjax_build_summary.json'
 SHAPES = 'shapes'
@@ -77,29 +77,24 @@ class CapjaxCaptionsConfig(tfds.core.BuilderConfig):
     return self.dataset == SHAPES
 
   def split_sizes(self) -> dict[str, int]:
-    return {'train': self.num_train, 'validation': self.num_validation,
-            'test': self.num_test}
+    return {'train': self.num_train, 'validation': self.num_validation, 'test': self.num_test}
 
 
-_DEFAULT_SHAPES = CapjaxCaptionsConfig(
-    name=SHAPES, dataset=SHAPES,
-    description='Procedural shapes with generated captions (no download).')
+_DEFAULT_SHAPES = CapjaxCaptionsConfig(name=SHAPES, dataset=SHAPES,
+                                       description='Procedural shapes with generated captions (no download).')
 
 
-def shapes_config(num_train: int | None = None,
-                  num_validation: int | None = None,
-                  num_test: int | None = None,
-                  image_size: int | None = None,
+def shapes_config(num_train: int | None = None, num_validation: int | None = None,
+                  num_test: int | None = None, image_size: int | None = None,
                   seed: int | None = None) -> CapjaxCaptionsConfig:
   """The shapes config with the given sizes (None keeps the default).
 
-  A changed config gets its own name, e.g. ``shapes_40_10_10_32px``, because
-  tfds keeps one prepared copy per config name.
+  A changed config gets its own name, e.g. ``shapes_40_10_10_32px``, because tfds keeps one prepared copy per
+  config name.
   """
-  sizes = dict(num_train=num_train, num_validation=num_validation,
-               num_test=num_test, image_size=image_size, seed=seed)
-  changes = {k: v for k, v in sizes.items()
-             if v is not None and v != getattr(_DEFAULT_SHAPES, k)}
+  sizes = dict(num_train=num_train, num_validation=num_validation, num_test=num_test, image_size=image_size,
+               seed=seed)
+  changes = {k: v for k, v in sizes.items() if v is not None and v != getattr(_DEFAULT_SHAPES, k)}
   if not changes:
     return _DEFAULT_SHAPES
   config = dataclasses.replace(_DEFAULT_SHAPES, **changes)
@@ -107,12 +102,11 @@ def shapes_config(num_train: int | None = None,
           f'{config.num_test}_{config.image_size}px')
   if config.seed:
     name += f'_seed{config.seed}'
-  return dataclasses.replace(config, name=name,
-                             description=f'{_DEFAULT_SHAPES.description} {name}')
+  return dataclasses.replace(config, name=name, description=f'{_DEFAULT_SHAPES.description} {name}')
 
 
 class CapjaxCaptions(tfds.core.GeneratorBasedBuilder):
-  """Images with several captions each, stored as JPEG bytes."""
+  """Images with several captions each, stored as their original encoded files."""
 
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'First release.'}
@@ -122,8 +116,7 @@ class CapjaxCaptions(tfds.core.GeneratorBasedBuilder):
                            description='Flickr8k: 8000 images, 5 captions each.'),
       CapjaxCaptionsConfig(name='flickr30k', dataset='flickr30k',
                            description='Flickr30k: 31783 images, 5 captions each.'),
-      CapjaxCaptionsConfig(name='coco', dataset='coco',
-                           description='COCO 2014 captions, Karpathy split.'),
+      CapjaxCaptionsConfig(name='coco', dataset='coco', description='COCO 2014 captions, Karpathy split.'),
       _DEFAULT_SHAPES,
   ]
   DEFAULT_CONFIG_NAME = SHAPES
@@ -162,18 +155,15 @@ class CapjaxCaptions(tfds.core.GeneratorBasedBuilder):
                          f'(num_{split}={size})')
     return {split: self._generate_examples(split) for split in config.split_sizes()}
 
-  def _generate_examples(self, split: str,
-                         records: list[layouts.CaptionRecord] | None = None):
+  def _generate_examples(self, split: str, records: list[layouts.CaptionRecord] | None = None):
     if self.builder_config.is_procedural:
       return self._generate_shapes(split)
     return self._generate_from_files(split, records)
 
   def _generate_shapes(self, split: str) -> Iterator:
-    from capjax.data import shapes  # pylint: disable=import-outside-toplevel
     config = self.builder_config
-    for example in shapes.generate_records(
-        split=split, num_images=config.split_sizes()[split],
-        image_size=config.image_size, seed=config.seed):
+    for example in shapes.generate_records(split=split, num_images=config.split_sizes()[split],
+                                           image_size=config.image_size, seed=config.seed):
       self._report.images[split] += 1
       self._report.captions[split] += len(example['captions'])
       yield example['image_id'], {
@@ -184,22 +174,19 @@ class CapjaxCaptions(tfds.core.GeneratorBasedBuilder):
 
   def _manual_splits(self, manual_dir, dataset: str) -> dict[str, Iterator]:
     self._manual_dir = manual_dir
-    records, self._report = layouts.read_records(
-        manual_dir, self._layout, dataset=dataset)
+    records, self._report = layouts.read_records(manual_dir, self._layout, dataset=dataset)
     grouped = layouts.records_by_split(records)
     for split, split_records in grouped.items():
       if not split_records:
         raise ValueError(_empty_split_message(split, manual_dir, self._report))
-    return {split: self._generate_examples(split, split_records)
-            for split, split_records in grouped.items()}
+    return {split: self._generate_examples(split, split_records) for split, split_records in grouped.items()}
 
-  def _generate_from_files(self, split: str,
-                           records: list[layouts.CaptionRecord]) -> Iterator:
+  def _generate_from_files(self, split: str, records: list[layouts.CaptionRecord]) -> Iterator:
     written = 0
     for record in records:
       try:
-        image, conversion = layouts.load_image_for_storage(record.image_path)
-      except layouts.BadImageError as e:
+        image, conversion = images.read_image_file(record.image_path)
+      except images.BadImageError as e:
         logging.warning('Skipping %s: %s', record.image_id, e.reason)
         self._report.drop(record, layouts.BAD_IMAGE, e.reason)
         continue
@@ -221,21 +208,13 @@ class CapjaxCaptions(tfds.core.GeneratorBasedBuilder):
   def _log_and_save_summary(self) -> None:
     for item in self._report.skipped:
       logging.warning('Skipped %s (%s): %s', item.name, item.reason, item.detail)
-    logging.info('%s/%s build summary:\n%s', self.name, self.builder_config.name,
-                 self._report.summary())
-    summary = dict(self._report.to_dict(), config=self.builder_config.name,
-                   version=str(self.version))
+    logging.info('%s/%s build summary:\n%s', self.name, self.builder_config.name, self._report.summary())
+    summary = dict(self._report.to_dict(), config=self.builder_config.name, version=str(self.version))
     # self.data_path is the temporary folder tfds renames into place on success.
     (self.data_path / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
 
-  @property
-  def build_report(self) -> layouts.ReadReport:
-    """The report of the last build made by this builder object."""
-    return self._report
 
-
-def _empty_split_message(split: str, manual_dir,
-                         report: layouts.ReadReport) -> str:
+def _empty_split_message(split: str, manual_dir, report: layouts.ReadReport) -> str:
   return (f'The {split!r} split has no usable images in manual dir '
           f'{os.fspath(manual_dir)} (layout {report.layout}). What was read '
           f'so far:\n{report.summary()}')

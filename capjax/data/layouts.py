@@ -2,30 +2,23 @@
 
 Three layouts are understood (see `read_records`):
 
-* ``flickr8k_original``: the Flickr8k zips as first distributed:
-  ``Flicker8k_Dataset/*.jpg`` (sic) plus ``Flickr8k_text/Flickr8k.token.txt``
-  and the ``Flickr_8k.{train,dev,test}Images.txt`` split lists (the text files
-  may also sit directly in the manual dir). ``dev`` becomes ``validation``.
-  Images that are in none of the three split lists are skipped and reported
-  (reason ``no_split``), as every published Flickr8k result uses only the 8000
-  listed images.
-* ``kaggle_csv``: ``Images/*.jpg`` plus ``captions.txt`` (CSV, header
-  ``image,caption``), the form Flickr8k and Flickr30k are re-published in on
-  Kaggle. It carries no split, so one is made deterministically: image names
-  are sorted; if the official Flickr8k split lists are found anywhere under the
-  manual dir (and the dataset is not known to be something else) they decide
-  the split; otherwise the sorted names are shuffled with
-  ``random.Random(KAGGLE_SPLIT_SEED)`` and cut 75% / 12.5% / 12.5% (the
-  6000/1000/1000 Flickr8k proportions) into train / validation / test, with
-  validation and test taken first from the shuffled list.
-* ``karpathy_json``: Karpathy's ``dataset_{flickr8k,flickr30k,coco}.json``
-  plus the images. ``val`` becomes ``validation`` and ``restval`` becomes
-  ``train`` (the usual "Karpathy split" practice: restval images are training
-  data). ``raw`` captions are used, falling back to joined ``tokens``.
+* ``flickr8k_original``: the Flickr8k zips as first distributed: ``Flicker8k_Dataset/*.jpg`` (sic) plus
+  ``Flickr8k_text/Flickr8k.token.txt`` and the ``Flickr_8k.{train,dev,test}Images.txt`` split lists (the text
+  files may also sit directly in the manual dir). ``dev`` becomes ``validation``. Images that are in none of
+  the three split lists are skipped and reported (reason ``no_split``), as every published Flickr8k result
+  uses only the 8000 listed images.
+* ``kaggle_csv``: ``Images/*.jpg`` plus ``captions.txt`` (CSV, header ``image,caption``), the form Flickr8k
+  and Flickr30k are re-published in on Kaggle. It carries no split, so one is made deterministically: image
+  names are sorted; if the official Flickr8k split lists are found anywhere under the manual dir (and the
+  dataset is not known to be something else) they decide the split; otherwise the sorted names are shuffled
+  with ``random.Random(KAGGLE_SPLIT_SEED)`` and cut 75% / 12.5% / 12.5% (the 6000/1000/1000 Flickr8k
+  proportions) into train / validation / test, with validation and test taken first from the shuffled list.
+* ``karpathy_json``: Karpathy's ``dataset_{flickr8k,flickr30k,coco}.json`` plus the images. ``val`` becomes
+  ``validation`` and ``restval`` becomes ``train`` (the usual "Karpathy split" practice: restval images are
+  training data). ``raw`` captions are used, falling back to joined ``tokens``.
 
-Problems found in real downloads never crash the reader and are never dropped
-silently: each is either repaired (and noted in `ReadReport.notes`) or skipped
-with a reason in `ReadReport.skipped`.
+Problems found in real downloads never crash the reader and are never dropped silently: each is either
+repaired (and noted in `ReadReport.notes`) or skipped with a reason in `ReadReport.skipped`.
 """
 
 from __future__ import annotations
@@ -40,8 +33,6 @@ import pathlib
 import random
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-
-from PIL import Image
 
 SPLITS = ('train', 'validation', 'test')
 
@@ -63,8 +54,6 @@ NO_CAPTIONS = 'no_captions'
 KAGGLE_SPLIT_SEED = 8
 _VALIDATION_FRACTION = 1 / 8
 _TEST_FRACTION = 1 / 8
-
-JPEG_QUALITY = 95
 
 _TOKEN_FILE = 'Flickr8k.token.txt'
 _TEXT_DIR = 'Flickr8k_text'
@@ -129,10 +118,8 @@ class ReadReport:
 
   manual_dir: str = ''
   layout: str = ''
-  images: dict[str, int] = dataclasses.field(
-      default_factory=lambda: dict.fromkeys(SPLITS, 0))
-  captions: dict[str, int] = dataclasses.field(
-      default_factory=lambda: dict.fromkeys(SPLITS, 0))
+  images: dict[str, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
+  captions: dict[str, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
   skipped: list[SkippedItem] = dataclasses.field(default_factory=list)
   notes: list[str] = dataclasses.field(default_factory=list)
 
@@ -145,14 +132,6 @@ class ReadReport:
   @property
   def missing_files(self) -> list[SkippedItem]:
     return self.skipped_for(MISSING_FILE)
-
-  @property
-  def bad_images(self) -> list[SkippedItem]:
-    return self.skipped_for(BAD_IMAGE)
-
-  @property
-  def malformed_lines(self) -> list[SkippedItem]:
-    return self.skipped_for(MALFORMED_LINE)
 
   def count(self, record: CaptionRecord) -> None:
     self.images[record.split] += 1
@@ -205,80 +184,14 @@ def _describe(item: SkippedItem) -> str:
   return f'{item.name}: {item.detail}' if item.detail else item.name
 
 
-class BadImageError(ValueError):
-  """An image file that cannot be decoded."""
-
-  def __init__(self, path: str | os.PathLike, reason: str):
-    super().__init__(f'cannot use image {os.fspath(path)}: {reason}')
-    self.path = os.fspath(path)
-    self.reason = reason
-
-
-# ----------------------------------------------------------------- images ---
-
-
-def load_image_bytes(path: str | os.PathLike) -> bytes:
-  """Returns JPEG bytes for `path`: the file itself if it is a baseline RGB
-  JPEG, else the image converted to RGB and re-encoded (quality 95).
-
-  Raises BadImageError if the file cannot be read or fully decoded.
-  """
-  return load_image_for_storage(path)[0]
-
-
-def load_image_for_storage(path: str | os.PathLike) -> tuple[bytes, str | None]:
-  """Like `load_image_bytes`, also saying what conversion was done (or None)."""
-  try:
-    data = pathlib.Path(path).read_bytes()
-  except OSError as e:
-    raise BadImageError(path, f'cannot read file: {e}') from e
-  try:
-    with Image.open(io.BytesIO(data)) as img:
-      # Decoding everything catches truncated files, which open() alone misses.
-      img.load()
-      if _is_baseline_rgb_jpeg(img):
-        return data, None
-      conversion = f'{_kind(img)} -> RGB JPEG'
-      rgb = _to_rgb(img)
-  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-    raise BadImageError(path, f'{type(e).__name__}: {e}') from e
-  out = io.BytesIO()
-  rgb.save(out, format='JPEG', quality=JPEG_QUALITY)
-  return out.getvalue(), conversion
-
-
-def _is_baseline_rgb_jpeg(img: Image.Image) -> bool:
-  # MPO is what PIL calls a camera JPEG with extra frames; it is a valid JPEG.
-  return (img.format in ('JPEG', 'MPO') and img.mode == 'RGB' and
-          not img.info.get('progressive') and not img.info.get('progression'))
-
-
-def _kind(img: Image.Image) -> str:
-  progressive = ' progressive' if img.info.get('progressive') else ''
-  return f'{img.format}{progressive} {img.mode}'
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-  has_alpha = img.mode in ('RGBA', 'LA', 'PA') or (
-      img.mode == 'P' and 'transparency' in img.info)
-  if not has_alpha:
-    return img.convert('RGB')
-  # Transparent pixels often hold black; white matches how viewers show them.
-  rgba = img.convert('RGBA')
-  background = Image.new('RGB', rgba.size, (255, 255, 255))
-  background.paste(rgba, mask=rgba.getchannel('A'))
-  return background
-
-
 # ---------------------------------------------------------------- layouts ---
 
 
-def detect_layout(manual_dir: str | os.PathLike,
-                  dataset: str | None = None) -> str:
+def detect_layout(manual_dir: str | os.PathLike, dataset: str | None = None) -> str:
   """Names the layout of `manual_dir` (see module docstring).
 
-  `dataset` ('flickr8k', 'flickr30k', 'coco') narrows which Karpathy JSON
-  counts as a marker. Raises ValueError if no layout is recognised.
+  `dataset` ('flickr8k', 'flickr30k', 'coco') narrows which Karpathy JSON counts as a marker. Raises
+  ValueError if no layout is recognised.
   """
   root = _existing_dir(manual_dir)
   if _karpathy_json_files(root, dataset):
@@ -295,22 +208,13 @@ def read_records(
     layout: str = 'auto',
     *,
     dataset: str | None = None,
-    verify_images: bool = False,
 ) -> tuple[list[CaptionRecord], ReadReport]:
-  """Reads every usable (image, captions, split) of a manually unpacked dataset.
+  """Every usable (image, captions, split) of the dataset unpacked in `manual_dir`, sorted by (split,
+  image_id), and a report of counts and skips.
 
-  Args:
-    manual_dir: folder the user unpacked the download into.
-    layout: 'auto' or one of LAYOUTS; an explicit layout skips detection.
-    dataset: 'flickr8k', 'flickr30k' or 'coco' if known; picks the Karpathy
-      JSON when several are present and stops Flickr8k split lists from being
-      applied to another dataset.
-    verify_images: fully decode every image now and skip undecodable ones
-      (the builder leaves this off since it decodes each image anyway).
-
-  Returns:
-    Records sorted by (split, image_id), and a report of counts and skips.
-  """
+  `layout` is 'auto' or one of LAYOUTS (an explicit layout skips detection). `dataset` ('flickr8k',
+  'flickr30k' or 'coco'), when known, picks the Karpathy JSON when several are present and keeps the
+  Flickr8k split lists from being applied to another dataset."""
   if dataset is not None and dataset not in DATASETS:
     raise ValueError(f'dataset must be one of {DATASETS} or None, got {dataset!r}')
   root = _existing_dir(manual_dir)
@@ -325,8 +229,6 @@ def read_records(
     raise ValueError(f'layout must be "auto" or one of {LAYOUTS}, got {layout!r}')
   report = ReadReport(manual_dir=os.fspath(root), layout=layout)
   records = readers[layout](root, dataset, report)
-  if verify_images:
-    records = _drop_bad_images(records, report)
   records.sort(key=lambda r: (SPLITS.index(r.split), r.image_id))
   for record in records:
     report.count(record)
@@ -345,26 +247,12 @@ def _unrecognised_message(root: pathlib.Path, dataset: str | None) -> str:
   entries = sorted(p.name + ('/' if p.is_dir() else '') for p in root.iterdir())
   shown = ', '.join(entries[:10]) or '(empty)'
   more = f' ... ({len(entries)} entries)' if len(entries) > 10 else ''
-  return (
-      f'Could not recognise the dataset layout in {root}.\n'
-      f'Looked for:\n'
-      f'  {KARPATHY_JSON}: {karpathy} (in the folder or caption_datasets/)\n'
-      f'  {FLICKR8K_ORIGINAL}: {_TEXT_DIR}/{_TOKEN_FILE} or {_TOKEN_FILE}\n'
-      f'  {KAGGLE_CSV}: {_KAGGLE_CAPTIONS}\n'
-      f'The folder contains: {shown}{more}')
-
-
-def _drop_bad_images(records: list[CaptionRecord],
-                     report: ReadReport) -> list[CaptionRecord]:
-  good = []
-  for record in records:
-    try:
-      load_image_bytes(record.image_path)
-    except BadImageError as e:
-      report.skip(BAD_IMAGE, record.image_id, e.reason)
-    else:
-      good.append(record)
-  return good
+  return (f'Could not recognise the dataset layout in {root}.\n'
+          f'Looked for:\n'
+          f'  {KARPATHY_JSON}: {karpathy} (in the folder or caption_datasets/)\n'
+          f'  {FLICKR8K_ORIGINAL}: {_TEXT_DIR}/{_TOKEN_FILE} or {_TOKEN_FILE}\n'
+          f'  {KAGGLE_CSV}: {_KAGGLE_CAPTIONS}\n'
+          f'The folder contains: {shown}{more}')
 
 
 # Shared assembly -----------------------------------------------------------
@@ -418,8 +306,7 @@ def _resolve_images(
   for name, captions in captions_by_name.items():
     found = index.find(name)
     if found is None:
-      report.skip(MISSING_FILE, name,
-                  f'{len(captions)} caption(s) in {source}, no such image in '
+      report.skip(MISSING_FILE, name, f'{len(captions)} caption(s) in {source}, no such image in '
                   f'{index.describe()}')
       continue
     path, image_id = found
@@ -427,9 +314,8 @@ def _resolve_images(
       report.notes.append(f'{name} (in {source}) read as {image_id}')
     resolved.setdefault(image_id, (path, []))[1].extend(captions)
   if captions_by_name and not resolved:
-    raise ValueError(
-        f'None of the {len(captions_by_name)} images named in {source} were '
-        f'found; looked in {", ".join(os.fspath(r) for r in index.roots)}')
+    raise ValueError(f'None of the {len(captions_by_name)} images named in {source} were '
+                     f'found; looked in {", ".join(os.fspath(r) for r in index.roots)}')
   return resolved
 
 
@@ -484,8 +370,8 @@ def _read_flickr8k_original(root: pathlib.Path, dataset: str | None,
     raise ValueError(f'{FLICKR8K_ORIGINAL}: no {_TOKEN_FILE} in {root} or '
                      f'{root / _TEXT_DIR}')
   captions_by_name = _parse_token_file(token_file, report)
-  resolved = _resolve_images(captions_by_name, _image_index(root, _FLICKR_IMAGE_DIRS),
-                             token_file.name, report)
+  resolved = _resolve_images(captions_by_name, _image_index(root, _FLICKR_IMAGE_DIRS), token_file.name,
+                             report)
   split_files = _find_split_files([token_file.parent])
   if split_files is None:
     raise ValueError(f'{FLICKR8K_ORIGINAL}: split lists '
@@ -494,8 +380,7 @@ def _read_flickr8k_original(root: pathlib.Path, dataset: str | None,
   return _make_records(resolved, split_of, report, 'the Flickr_8k.*Images.txt lists')
 
 
-def _parse_token_file(path: pathlib.Path,
-                      report: ReadReport) -> dict[str, list[str]]:
+def _parse_token_file(path: pathlib.Path, report: ReadReport) -> dict[str, list[str]]:
   captions_by_name: dict[str, list[str]] = {}
   for lineno, line in _read_lines(path, report):
     name, tab, caption = line.partition('\t')
@@ -534,8 +419,7 @@ def _read_split_files(
       if image_id is None and listed in already_reported:
         continue
       if image_id is None:
-        report.skip(NO_CAPTIONS, listed,
-                    f'listed in {path.name} but has no captions')
+        report.skip(NO_CAPTIONS, listed, f'listed in {path.name} but has no captions')
       elif image_id in split_of:
         report.notes.append(f'{listed} is listed for both {split_of[image_id]} '
                             f'and {split} ({path.name}); kept in {split_of[image_id]}')
@@ -547,14 +431,12 @@ def _read_split_files(
 # Kaggle CSV ----------------------------------------------------------------
 
 
-def _read_kaggle_csv(root: pathlib.Path, dataset: str | None,
-                     report: ReadReport) -> list[CaptionRecord]:
+def _read_kaggle_csv(root: pathlib.Path, dataset: str | None, report: ReadReport) -> list[CaptionRecord]:
   csv_path = root / _KAGGLE_CAPTIONS
   if not csv_path.is_file():
     raise ValueError(f'{KAGGLE_CSV}: no {_KAGGLE_CAPTIONS} in {root}')
   captions_by_name = _parse_captions_csv(csv_path, report)
-  resolved = _resolve_images(captions_by_name, _image_index(root, _KAGGLE_IMAGE_DIRS),
-                             csv_path.name, report)
+  resolved = _resolve_images(captions_by_name, _image_index(root, _KAGGLE_IMAGE_DIRS), csv_path.name, report)
   split_files = None
   if dataset in (None, 'flickr8k'):
     split_files = _find_split_files(_folders_below(root))
@@ -568,8 +450,7 @@ def _read_kaggle_csv(root: pathlib.Path, dataset: str | None,
   return _make_records(resolved, seeded_split(resolved), report, 'the seeded split')
 
 
-def _parse_captions_csv(path: pathlib.Path,
-                        report: ReadReport) -> dict[str, list[str]]:
+def _parse_captions_csv(path: pathlib.Path, report: ReadReport) -> dict[str, list[str]]:
   text = path.read_bytes().decode('utf-8-sig', errors='replace')
   if '\ufffd' in text:
     report.notes.append(f'{path.name}: bytes that are not UTF-8 were replaced '
@@ -605,8 +486,7 @@ def _folders_below(root: pathlib.Path) -> Iterator[pathlib.Path]:
     yield pathlib.Path(folder)
 
 
-def seeded_split(image_ids: Iterable[str],
-                 seed: int = KAGGLE_SPLIT_SEED) -> dict[str, str]:
+def seeded_split(image_ids: Iterable[str], seed: int = KAGGLE_SPLIT_SEED) -> dict[str, str]:
   """Splits ids 75/12.5/12.5 into train/validation/test, independent of order."""
   ids = sorted(image_ids)
   random.Random(seed).shuffle(ids)
@@ -630,8 +510,7 @@ def _karpathy_names(dataset: str | None) -> list[str]:
   return [f'dataset_{d}.json' for d in ([dataset] if dataset else DATASETS)]
 
 
-def _karpathy_json_files(root: pathlib.Path,
-                         dataset: str | None) -> list[pathlib.Path]:
+def _karpathy_json_files(root: pathlib.Path, dataset: str | None) -> list[pathlib.Path]:
   found = []
   for folder in _KARPATHY_DIRS:
     for name in _karpathy_names(dataset):
@@ -641,20 +520,17 @@ def _karpathy_json_files(root: pathlib.Path,
   return found
 
 
-def _read_karpathy(root: pathlib.Path, dataset: str | None,
-                   report: ReadReport) -> list[CaptionRecord]:
+def _read_karpathy(root: pathlib.Path, dataset: str | None, report: ReadReport) -> list[CaptionRecord]:
   json_path = _pick_karpathy_json(root, dataset)
   with json_path.open('rb') as f:
     data = json.loads(f.read().decode('utf-8-sig'))
   entries = data.get('images') if isinstance(data, dict) else None
   if not isinstance(entries, list):
     raise ValueError(f'{json_path}: expected {{"images": [...]}}')
-  captions_by_name, split_by_name = _parse_karpathy_entries(
-      entries, json_path.name, report)
+  captions_by_name, split_by_name = _parse_karpathy_entries(entries, json_path.name, report)
   is_coco = any('/' in name for name in captions_by_name)
   folders = _COCO_IMAGE_ROOTS if is_coco else _FLICKR_IMAGE_DIRS
-  resolved = _resolve_images(captions_by_name, _image_index(root, folders),
-                             json_path.name, report)
+  resolved = _resolve_images(captions_by_name, _image_index(root, folders), json_path.name, report)
   split_of = {}
   for name, split in split_by_name.items():
     for candidate in _name_candidates(name):
@@ -674,7 +550,9 @@ def _pick_karpathy_json(root: pathlib.Path, dataset: str | None) -> pathlib.Path
 
 
 def _parse_karpathy_entries(
-    entries: list, source: str, report: ReadReport,
+    entries: list,
+    source: str,
+    report: ReadReport,
 ) -> tuple[dict[str, list[str]], dict[str, str]]:
   captions_by_name: dict[str, list[str]] = {}
   split_by_name: dict[str, str] = {}
@@ -688,11 +566,9 @@ def _parse_karpathy_entries(
     name = f'{filepath}/{filename}' if filepath else filename
     split = _KARPATHY_SPLITS.get(entry.get('split'))
     if split is None:
-      report.skip(MALFORMED_LINE, f'{where} {name}',
-                  f'unknown split {entry.get("split")!r}')
+      report.skip(MALFORMED_LINE, f'{where} {name}', f'unknown split {entry.get("split")!r}')
       continue
-    captions = _karpathy_captions(entry.get('sentences') or [], f'{where} {name}',
-                                  report)
+    captions = _karpathy_captions(entry.get('sentences') or [], f'{where} {name}', report)
     if not captions:
       report.skip(NO_CAPTIONS, name, f'no usable sentences in {source}')
       continue
@@ -701,8 +577,7 @@ def _parse_karpathy_entries(
   return captions_by_name, split_by_name
 
 
-def _karpathy_captions(sentences: list, where: str,
-                       report: ReadReport) -> list[str]:
+def _karpathy_captions(sentences: list, where: str, report: ReadReport) -> list[str]:
   captions = []
   for k, sentence in enumerate(sentences):
     caption = ''
@@ -713,22 +588,12 @@ def _karpathy_captions(sentences: list, where: str,
     if caption:
       captions.append(caption)
     else:
-      report.skip(MALFORMED_LINE, f'{where} sentences[{k}]',
-                  'sentence without "raw" or "tokens"')
+      report.skip(MALFORMED_LINE, f'{where} sentences[{k}]', 'sentence without "raw" or "tokens"')
   return captions
 
 
-def records_by_split(
-    records: Iterable[CaptionRecord]) -> dict[str, list[CaptionRecord]]:
+def records_by_split(records: Iterable[CaptionRecord]) -> dict[str, list[CaptionRecord]]:
   grouped: dict[str, list[CaptionRecord]] = {split: [] for split in SPLITS}
   for record in records:
     grouped[record.split].append(record)
   return grouped
-
-
-__all__ = [
-    'BadImageError', 'CaptionRecord', 'ReadReport', 'SkippedItem', 'SPLITS',
-    'LAYOUTS', 'KARPATHY_JSON', 'FLICKR8K_ORIGINAL', 'KAGGLE_CSV',
-    'detect_layout', 'read_records', 'load_image_bytes', 'load_image_for_storage',
-    'records_by_split', 'seeded_split',
-]

@@ -30,27 +30,23 @@ def prepare_dataset(
   """Prepares dataset `name` ('flickr8k', 'flickr30k', 'coco', 'shapes') under
   `data_dir` unless it is already there, prints its summary and returns it.
 
-  `manual_dir` holds the manually downloaded files for real datasets (default:
-  <data_dir>/downloads/manual). The num_*/image_size/seed overrides apply to
-  'shapes' only and give it its own config name (see `config_name`).
+  `manual_dir` holds the manually downloaded files for real datasets (default: <data_dir>/downloads/manual).
+  The num_*/image_size/seed overrides apply to 'shapes' only and give it its own config name (see
+  `config_name`).
 
-  Returns the build summary (see `builder.SUMMARY_FILE`) plus 'config' (the
-  name to pass to `open_splits`), 'data_path' and 'rebuilt' (False when data
-  already existed and nothing was built).
+  Returns the build summary (see `builder.SUMMARY_FILE`) plus 'config' (the name to pass to `open_splits`),
+  'data_path' and 'rebuilt' (False when data already existed and nothing was built).
   """
-  config = _config(name, num_train=num_train, num_validation=num_validation,
-                   num_test=num_test, image_size=image_size, seed=seed)
-  builder = builder_lib.CapjaxCaptions(
-      config=config, data_dir=os.fspath(data_dir), layout=layout)
+  config = _config(name, num_train=num_train, num_validation=num_validation, num_test=num_test,
+                   image_size=image_size, seed=seed)
+  builder = builder_lib.CapjaxCaptions(config=config, data_dir=os.fspath(data_dir), layout=layout)
   already_prepared = builder.is_prepared()
   if not already_prepared:
     download_config = tfds.download.DownloadConfig(
         manual_dir=os.fspath(manual_dir) if manual_dir is not None else None)
-    builder.download_and_prepare(download_config=download_config,
-                                 file_format='array_record')
+    builder.download_and_prepare(download_config=download_config, file_format='array_record')
   summary = _read_summary(builder)
-  summary.update(config=builder.builder_config.name,
-                 data_path=os.fspath(builder.data_path),
+  summary.update(config=builder.builder_config.name, data_path=os.fspath(builder.data_path),
                  rebuilt=not already_prepared)
   print(_summary_text(summary))
   return summary
@@ -63,10 +59,9 @@ def open_splits(
 ) -> dict[str, Sequence[dict[str, Any]]]:
   """Random-access sources for each split of prepared dataset `name`.
 
-  `name` is a config name ('flickr8k', 'shapes', 'shapes_40_10_10_32px', ...)
-  or 'shapes' plus the same overrides given to `prepare_dataset`. Records are
-  dicts of 'image' (JPEG bytes), 'image_id' (bytes) and 'captions' (list of
-  bytes). Raises FileNotFoundError if it was not prepared.
+  `name` is a config name ('flickr8k', 'shapes', 'shapes_40_10_10_32px', ...) or 'shapes' plus the same
+  overrides given to `prepare_dataset`. Records are dicts of 'image' (encoded file bytes), 'image_id'
+  (bytes) and 'captions' (list of bytes). Raises FileNotFoundError if it was not prepared.
   """
   config = config_name(name, **overrides)
   try:
@@ -102,9 +97,13 @@ def _read_summary(builder: tfds.core.DatasetBuilder) -> dict[str, Any]:
   path = builder.data_path / builder_lib.SUMMARY_FILE
   if not path.exists():
     # Prepared by something other than this builder: report what tfds knows.
-    return {'images': {s: info.num_examples
-                       for s, info in builder.info.splits.items()},
-            'notes': [f'{builder_lib.SUMMARY_FILE} not found'], 'skipped': []}
+    return {
+        'images': {
+            s: info.num_examples for s, info in builder.info.splits.items()
+        },
+        'notes': [f'{builder_lib.SUMMARY_FILE} not found'],
+        'skipped': []
+    }
   with path.open() as f:
     return json.load(f)
 
@@ -119,3 +118,44 @@ def _summary_text(summary: dict[str, Any]) -> str:
 def _not_prepared_message(config: str, data_dir) -> str:
   return (f'{DATASET_NAME}/{config} is not prepared under {os.fspath(data_dir)}; '
           'run prepare_dataset (the prepare command) first')
+
+
+# ---------------------------------------------------------------------------------------------
+# From a config (what launch.py's prepare mode and training call)
+# ---------------------------------------------------------------------------------------------
+
+
+def _shapes_overrides(data_config) -> dict:
+  return dict(num_train=data_config.shapes_num_train, num_validation=data_config.shapes_num_validation,
+              num_test=data_config.shapes_num_test, image_size=data_config.shapes_image_size)
+
+
+def prepare_from_config(data_config) -> dict[str, Any]:
+  """Builds the array_record files for `config.data` (the `--mode=prepare` command)."""
+  data_dir = os.path.expanduser(data_config.data_dir)
+  if data_config.name == builder_lib.SHAPES:
+    return prepare_dataset(builder_lib.SHAPES, data_dir, **_shapes_overrides(data_config))
+  if not data_config.manual_dir:
+    raise ValueError(f'config.data.manual_dir is empty: point it at the unpacked {data_config.name} '
+                     'download (see README, "Training on Flickr8k")')
+  return prepare_dataset(data_config.name, data_dir, manual_dir=os.path.expanduser(data_config.manual_dir),
+                         layout=data_config.layout)
+
+
+def open_dataset(data_config) -> dict[str, Sequence[dict[str, Any]]]:
+  """{'train'|'validation'|'test': random-access source} for `config.data`. The demo data is generated
+  the first time; real datasets must have been prepared (their images come from a manual download)."""
+  data_dir = os.path.expanduser(data_config.data_dir)
+  if data_config.name == builder_lib.SHAPES:
+    prepare_from_config(data_config)
+    splits = open_splits(builder_lib.SHAPES, data_dir, **_shapes_overrides(data_config))
+  else:
+    try:
+      splits = open_splits(data_config.name, data_dir)
+    except FileNotFoundError as e:
+      raise FileNotFoundError(f'{e}.\nRun: python launch.py --mode=prepare --config=<your config> '
+                              f'--config.data.manual_dir=/path/to/{data_config.name}') from e
+  missing = [s for s in layouts.SPLITS if s not in splits]
+  if missing:
+    raise ValueError(f'dataset {data_config.name!r} in {data_dir} has no {missing} split(s)')
+  return splits

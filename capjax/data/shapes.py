@@ -66,8 +66,12 @@ def _pair_captions(left: dict, right: dict, background: str) -> list[str]:
 
 
 def _random_object(rng: np.random.Generator, position: str) -> dict:
-  return {'shape': str(rng.choice(SHAPES)), 'colour': str(rng.choice(list(COLOURS))),
-          'size': str(rng.choice(list(SIZES))), 'position': position}
+  return {
+      'shape': str(rng.choice(SHAPES)),
+      'colour': str(rng.choice(list(COLOURS))),
+      'size': str(rng.choice(list(SIZES))),
+      'position': position
+  }
 
 
 def render_example(rng: np.random.Generator, image_size: int) -> tuple[Image.Image, list[str]]:
@@ -91,8 +95,7 @@ def render_example(rng: np.random.Generator, image_size: int) -> tuple[Image.Ima
   return image, captions
 
 
-def generate_records(split: str, num_images: int, image_size: int = 96,
-                     seed: int = 0) -> Iterator[dict]:
+def generate_records(split: str, num_images: int, image_size: int = 96, seed: int = 0) -> Iterator[dict]:
   """Yields `{'image': JPEG bytes, 'image_id': str, 'captions': list[str]}`, deterministic per split."""
   if split not in SPLIT_SEEDS:
     raise ValueError(f'split: expected one of {sorted(SPLIT_SEEDS)}, got {split!r}')
@@ -101,5 +104,4 @@ def generate_records(split: str, num_images: int, image_size: int = 96,
     image, captions = render_example(rng, image_size)
     buffer = io.BytesIO()
     image.save(buffer, format='JPEG', quality=92)
-    yield {'image': buffer.getvalue(), 'image_id': f'shapes_{split}_{index:05d}.jpg',
-           'captions': captions}
+    yield {'image': buffer.getvalue(), 'image_id': f'shapes_{split}_{index:05d}.jpg', 'captions': captions}

@@ -220,3 +220,16 @@ def build_captioner(model_config, vocab_size: int, trunk_mode: str | None = None
       trunk_mode=trunk_mode,
       dtype=dtypes[model_config.dtype],
   )
+
+
+def init_variables(model: Captioner, rng, image_size: int, max_caption_len: int) -> dict:
+  """Fresh {'params', 'batch_stats'} for square `image_size` images and captions of `max_caption_len`."""
+  images = jnp.zeros((1, image_size, image_size, 3), jnp.uint8)
+  tokens = jnp.zeros((1, max_caption_len - 1), jnp.int32)
+  return model.init({'params': rng}, images, tokens, train=False)
+
+
+def abstract_variables(model: Captioner, image_size: int, max_caption_len: int) -> dict:
+  """Shapes and dtypes of `init_variables` without computing anything (a restore target)."""
+  return jax.eval_shape(
+      lambda rng: init_variables(model, rng, image_size, max_caption_len), jax.random.PRNGKey(0))

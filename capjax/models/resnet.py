@@ -69,7 +69,3 @@ class ResNet(nn.Module):
         x = BottleneckBlock(self.width * 2**stage, strides=strides, dtype=self.dtype,
                             name=f'stage{stage + 1}_block{block + 1}')(x, train=train)
     return x
-
-
-def resnet50(dtype=jnp.float32) -> ResNet:
-  return ResNet(stage_sizes=(3, 4, 6, 3), width=64, dtype=dtype)
