@@ -7,6 +7,9 @@
   python launch.py --mode=caption --workdir=W --images='photos/*.jpg' --output=captions.jsonl
 """
 
+import os
+import sys
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -14,11 +17,15 @@ import jax
 from ml_collections import config_flags
 
 from capjax import cli
+from capjax import errors
 from capjax import evaluation
 from capjax.data import prepare
 
-config_flags.DEFINE_config_file('config', 'configs/demo.py', 'Training configuration file.',
-                                lock_config=True)
+# The default config is this checkout's demo, wherever the command is started from (a relative default
+# would execute any configs/demo.py in the current directory). eval and caption read the workdir's
+# config.json and ignore --config.
+_DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'demo.py')
+config_flags.DEFINE_config_file('config', _DEMO_CONFIG, 'Training configuration file.', lock_config=True)
 flags.DEFINE_string('workdir', 'workdirs/demo', 'Checkpoints, vocabulary, logs and results.')
 flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'caption', 'prepare'], 'What to run.')
 flags.DEFINE_string('split', 'test', 'eval: which split to caption and score.')
@@ -29,6 +36,9 @@ flags.DEFINE_integer('top_k', 0, 'caption: with --temperature, sample from the k
 flags.DEFINE_string('checkpoint_step', 'best', "eval/caption: 'best', 'latest' or a step number.")
 flags.DEFINE_string('images', None, 'caption: an image file, a directory, or a glob.')
 flags.DEFINE_string('output', None, 'caption: also write the captions to this .jsonl file.')
+flags.DEFINE_list('allow_config_change', [],
+                  'train: config fields that may differ from the checkpoints a run resumes from, e.g. '
+                  'train.learning_rate,train.num_epochs (recorded in history.json).')
 flags.DEFINE_bool('distributed', False,
                   'Call jax.distributed.initialize() first (multi-host GPU/TPU; see README).')
 
@@ -41,9 +51,21 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   if flags.FLAGS.distributed:
     jax.distributed.initialize()
-  FLAGS = flags.FLAGS  # pylint: disable=invalid-name
+  try:
+    _run_mode(flags.FLAGS)
+  except (errors.CapjaxError, FileNotFoundError) as e:
+    # Conditions a user can fix get one clear line, not a traceback. Then exit at once: after a failed
+    # checkpoint read, tensorstore's abandoned reads finish on their own threads while the interpreter
+    # shuts down and print tracebacks of their own, which would bury this line. Every file capjax
+    # writes is complete by now (written atomically, checkpoints saved synchronously).
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)  # pylint: disable=protected-access
+
+
+def _run_mode(FLAGS) -> None:  # pylint: disable=invalid-name
   if FLAGS.mode == 'train':
-    cli.train(FLAGS.config, FLAGS.workdir)
+    cli.train(FLAGS.config, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change)
   elif FLAGS.mode == 'prepare':
     prepare.prepare_from_config(FLAGS.config.data)
   elif FLAGS.mode == 'eval':

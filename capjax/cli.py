@@ -1,6 +1,7 @@
 """What the train and caption modes of launch.py do: training with its end-of-run report, and
 captioning a user's files."""
 
+from collections.abc import Sequence
 import dataclasses
 import glob
 import json
@@ -9,6 +10,7 @@ import sys
 
 import jax
 
+from capjax import errors
 from capjax import evaluation
 from capjax import fileio
 from capjax import images
@@ -31,11 +33,10 @@ class FinalReport:
   captions: list[dict]  # {'index', 'image_id', 'caption', 'references'} per test image
 
 
-def train(config, workdir: str) -> FinalReport:
+def train(config, workdir: str, *, allow_config_change: Sequence[str] = ()) -> FinalReport:
   """Train (or resume), then report held-out captions and BLEU-4 against a trivial baseline."""
-  splits = prepare.open_dataset(config.data)
-  result = train_lib.train_and_evaluate(config, workdir, splits)
-  return final_report(result, config, workdir, splits)
+  result = train_lib.train_and_evaluate(config, workdir, allow_config_change=allow_config_change)
+  return final_report(result, config, workdir, prepare.open_dataset(config.data, build_demo=False))
 
 
 def final_report(result: train_lib.TrainResult, config, workdir: str, splits) -> FinalReport:
@@ -66,11 +67,14 @@ def find_images(pattern: str) -> list[str]:
   """A file, a directory (its files, sorted) or a glob -> paths; non-image files in a directory are
   kept so that each gets its own clear error."""
   if os.path.isdir(pattern):
-    return sorted(os.path.join(pattern, n) for n in os.listdir(pattern)
-                  if os.path.isfile(os.path.join(pattern, n)))
-  paths = sorted(glob.glob(pattern)) if any(c in pattern for c in '*?[') else [pattern]
+    paths = sorted(os.path.join(pattern, n) for n in os.listdir(pattern)
+                   if os.path.isfile(os.path.join(pattern, n)))
+  elif any(c in pattern for c in '*?['):
+    paths = sorted(p for p in glob.glob(os.path.expanduser(pattern)) if os.path.isfile(p))
+  else:
+    paths = [pattern] if os.path.isfile(pattern) else []
   if not paths:
-    raise FileNotFoundError(f'--images={pattern!r} matches no file')
+    raise errors.InputError(f'--images={pattern!r} matches no file')
   return paths
 
 
@@ -80,11 +84,15 @@ def caption_images(workdir: str, images_pattern: str, *, output: str | None = No
   """Prints `filename<TAB>caption` per image; unreadable files get an error line, the rest still run.
   Images are read a batch at a time, so memory does not grow with the number of files."""
   if not images_pattern:
-    raise ValueError('--images is required in caption mode (a file, directory or glob)')
+    raise errors.InputError('--images is required in caption mode (a file, directory or glob)')
+  if output and not os.path.isdir(os.path.dirname(os.path.abspath(output))):
+    raise errors.InputError(f'--output={output!r}: folder {os.path.dirname(os.path.abspath(output))} '
+                            'does not exist')
+  paths = find_images(images_pattern)
   captioner = inference.ImageCaptioner.from_workdir(workdir, checkpoint=checkpoint, beam_size=beam_size,
                                                     length_penalty=length_penalty,
                                                     temperature=temperature, top_k=top_k)
-  paths, rows = find_images(images_pattern), []
+  rows = []
   for start in range(0, len(paths), captioner.batch_size):
     loaded = []
     for path in paths[start:start + captioner.batch_size]:
@@ -100,4 +108,7 @@ def caption_images(workdir: str, images_pattern: str, *, output: str | None = No
   if output:
     fileio.write_text(output, ''.join(json.dumps(row, ensure_ascii=False) + '\n' for row in rows))
     reporting.say(f'Wrote {len(rows)} lines to {output}')
+  if not any('caption' in row for row in rows):
+    raise errors.InputError(f'none of the {len(rows)} file(s) of --images={images_pattern!r} could be '
+                            'captioned (see the errors above)')
   return rows

@@ -90,7 +90,10 @@ def evaluate_workdir(workdir: str, *, split: str = 'test', checkpoint: str | int
   mesh = mesh_lib.make_mesh()
   config, vocab, model, variables, step = inference.restore_variables(workdir, checkpoint, mesh)
   if splits is None:
-    splits = prepare.open_dataset(config.data)
+    if not os.path.isabs(os.path.expanduser(config.data.data_dir)):
+      reporting.say(f'Warning: {workdir}/config.json has a relative data_dir '
+                    f'({config.data.data_dir!r}), read from {os.getcwd()}.')
+    splits = prepare.open_dataset(config.data, build_demo=False)
   if split not in splits:
     raise ValueError(f'--split={split!r}: the dataset has {sorted(splits)}')
   caption_fn = inference.make_caption_fn(model, mesh, max_len=config.data.max_caption_len - 1,

@@ -119,25 +119,33 @@ class _LoadedImages:
 # ----------------------------------------------------------------------------------------------
 
 
-def restore_variables(workdir: str, checkpoint: str | int | None, mesh, *, config=None):
+def restore_variables(workdir: str, checkpoint: str | int | None, mesh):
   """Restores the model variables (params and batch_stats, not the optimizer state) saved in
   `workdir` onto the devices of `mesh` (any device count). Returns (config, vocab, model, variables,
-  step)."""
-  config = config or workdir_lib.load_config(workdir)
+  step). 'latest' and 'best' fall back to the newest checkpoint that restores, saying which failed; an
+  explicit step that fails is an error in one line. A vocab.json that is not the one the checkpoint was
+  trained with is refused."""
+  config = workdir_lib.load_config(workdir)
   vocab = workdir_lib.load_vocab(workdir)
   model = captioner.build_captioner(config.model, len(vocab))
   checkpointer = checkpointing.Checkpointer(
       workdir_lib.checkpoint_dir(workdir), best_metric=config.train.best_metric,
       best_mode=config.train.best_mode, read_only=True)
-  step = checkpointer.resolve_step(checkpoint)
   shapes = captioner.abstract_variables(model, config.data.image_size, config.data.max_caption_len)
   target = checkpointing.abstract_like(shapes, mesh_lib.replicated(mesh))
+  identity = workdir_lib.run_identity(config, vocab)
+
+  def restore(step):
+    info = checkpointer.run_info(step)
+    if info is not None:  # config.json may differ by allowed changes; the vocabulary may not
+      workdir_lib.check_vocabulary(info['identity'], identity,
+                                   where=f'checkpoint {step} in {checkpointer.directory}')
+    return checkpointer.restore_variables(step, target)
+
   try:
-    variables = checkpointer.restore_variables(step, target)
-  except ValueError as e:
-    raise ValueError(f'checkpoint {step} in {workdir} does not match its config.json/vocab.json '
-                     f'(vocabulary of {len(vocab)} tokens): {e}') from e
-  checkpointer.close()
+    step, variables = checkpointer.restore_first_readable(checkpointer.candidates(checkpoint), restore)
+  finally:
+    checkpointer.close()
   return config, vocab, model, variables, step
 
 

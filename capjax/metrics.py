@@ -14,8 +14,14 @@ Without Java (``tokenizer='auto'`` and no ``java`` on PATH) captions are tokenis
 and METEOR (a Java program) is skipped, with a warning in the log. Known differences from the Java
 tokeniser are listed in ``python_ptb_tokenize``.
 
-Note: pycocoevalcap's PTBTokenizer writes a temporary file next to its jar, inside the installed
-package, so that directory must be writable.
+The Java tokeniser runs exactly as pycocoevalcap's ``PTBTokenizer`` does (same jar, flags and
+punctuation filter), except that it reads the captions from stdin in a temporary directory: pycocoevalcap
+writes them to a file next to its jar, inside the installed package, which fails on a read-only install
+and leaves reference captions in site-packages when a run is killed. A Java that does not work (a broken
+install) falls back to the Python tokeniser in 'auto' mode, with a warning.
+
+With ``on_error='warn'`` (what evaluation and training use), a metric whose scorer fails is left out with
+a warning naming it and the cause, instead of failing the whole evaluation.
 """
 
 from __future__ import annotations
@@ -23,15 +29,19 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import re
 import shutil
+import subprocess
+import tempfile
 from typing import Iterable, Mapping, Sequence
 
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
-from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS, PTBTokenizer
+from pycocoevalcap.tokenizer import ptbtokenizer
+from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS
 
 logger = logging.getLogger(__name__)
 
@@ -44,13 +54,17 @@ METRIC_KEYS = {
 }
 DEFAULT_METRICS = tuple(METRIC_KEYS)
 TOKENIZERS = ('auto', 'ptb', 'python')
+_PTB_JAR = os.path.join(os.path.dirname(os.path.abspath(ptbtokenizer.__file__)),
+                        ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR)
+_PTB_COMMAND = ('java', '-cp', _PTB_JAR, 'edu.stanford.nlp.process.PTBTokenizer', '-preserveLines',
+                '-lowerCase')
 
 
 # ----------------------------------------------------------------------------- public API
 
 def compute_caption_metrics(candidates: Mapping[str, str], references: Mapping[str, Sequence[str]], *,
-                            metrics: Iterable[str] = DEFAULT_METRICS,
-                            tokenizer: str = 'auto') -> dict[str, float]:
+                            metrics: Iterable[str] = DEFAULT_METRICS, tokenizer: str = 'auto',
+                            on_error: str = 'raise') -> dict[str, float]:
   """Corpus-level coco-caption scores of one candidate caption per image against its references.
 
   candidates: image id -> generated caption (raw text). references: image id -> reference captions
@@ -59,24 +73,42 @@ def compute_caption_metrics(candidates: Mapping[str, str], references: Mapping[s
   (``python_ptb_tokenize``) or 'auto' (PTB when ``java`` is on PATH, else python).
 
   Returns a dict with keys among Bleu_1..Bleu_4, METEOR, ROUGE_L, CIDEr. METEOR is left out, with
-  a warning, when Java is missing.
+  a warning, when Java is missing. on_error: 'raise', or 'warn' to leave out (with a warning) any
+  metric whose scorer fails.
   """
+  if on_error not in ('raise', 'warn'):
+    raise ValueError(f"on_error must be 'raise' or 'warn', got {on_error!r}")
   requested = _check_metric_names(metrics)
   image_ids = _check_image_ids(candidates, references)
   have_java = shutil.which('java') is not None
   use_ptb = _resolve_tokenizer(tokenizer, have_java)
 
   # gts/res in pycocoevalcap's layout: image id -> list of tokenised strings.
-  gts = tokenize_captions({i: list(references[i]) for i in image_ids}, use_ptb=use_ptb)
-  res = tokenize_captions({i: [candidates[i]] for i in image_ids}, use_ptb=use_ptb)
+  together = {('ref', i): list(references[i]) for i in image_ids}
+  together.update({('cand', i): [candidates[i]] for i in image_ids})
+  if use_ptb and tokenizer == 'auto':
+    try:
+      tokenized = tokenize_captions(together, use_ptb=True)
+    except RuntimeError as e:
+      logger.warning('%s; tokenising with the pure-Python PTB imitation instead.', e)
+      tokenized, have_java = tokenize_captions(together, use_ptb=False), False
+  else:
+    tokenized = tokenize_captions(together, use_ptb=use_ptb)
+  gts = {i: tokenized[('ref', i)] for i in image_ids}
+  res = {i: tokenized[('cand', i)] for i in image_ids}
 
   if 'meteor' in requested and not have_java:
-    logger.warning('METEOR skipped: it needs Java and `java` is not on PATH.')
+    logger.warning('METEOR skipped: it needs a working Java and `java` is not on PATH or fails.')
     requested.remove('meteor')
 
   results = {}
   for name in requested:
-    results.update(_SCORERS[name](gts, res))
+    try:
+      results.update(_SCORERS[name](gts, res))
+    except Exception as e:  # pylint: disable=broad-except
+      if on_error == 'raise':
+        raise
+      logger.warning('%s could not be computed and is left out: %s: %s', name, type(e).__name__, e)
   return results
 
 
@@ -93,9 +125,32 @@ def format_metrics_table(metrics: Mapping[str, float]) -> str:
 def tokenize_captions(captions: Mapping[str, Sequence[str]], *, use_ptb: bool) -> dict[str, list[str]]:
   """image id -> captions, tokenised and punctuation-stripped as coco-caption does (space-joined)."""
   if use_ptb:
-    # PTBTokenizer's own input layout; it returns image id -> list of tokenised strings.
-    return PTBTokenizer().tokenize({i: [{'caption': c} for c in caps] for i, caps in captions.items()})
+    return _java_ptb_tokenize(captions)
   return {i: [python_ptb_tokenize(c) for c in caps] for i, caps in captions.items()}
+
+
+def _java_ptb_tokenize(captions: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
+  """pycocoevalcap's PTBTokenizer.tokenize, reading stdin in a temporary directory (module docstring)."""
+  ids = [i for i, caps in captions.items() for _ in caps]
+  sentences = '\n'.join(c.replace('\n', ' ') for caps in captions.values() for c in caps)
+  with tempfile.TemporaryDirectory() as workdir:
+    try:
+      done = subprocess.run(_PTB_COMMAND, input=sentences.encode(), cwd=workdir,
+                            capture_output=True, check=False)
+    except OSError as e:
+      raise RuntimeError(f'the Java PTB tokenizer could not start: {e}') from e
+  if done.returncode:
+    message = done.stderr.decode(errors='replace').strip().splitlines()
+    raise RuntimeError(f'the Java PTB tokenizer failed (exit {done.returncode}): '
+                       f'{message[0] if message else "no message"}')
+  lines = done.stdout.decode().split('\n')
+  if len(lines) < len(ids):
+    raise RuntimeError(f'the Java PTB tokenizer returned {len(lines)} lines for {len(ids)} captions')
+  tokenized = {}
+  for image_id, line in zip(ids, lines):
+    words = [w for w in line.rstrip().split(' ') if w not in PUNCTUATIONS]
+    tokenized.setdefault(image_id, []).append(' '.join(words))
+  return tokenized
 
 
 # ----------------------------------------------------------------------------- argument checks

@@ -1,5 +1,6 @@
 """What a run tells its user: progress lines with ETA, epoch summaries, TensorBoard, loss curves."""
 
+import math
 import os
 import time
 
@@ -42,8 +43,10 @@ class Progress:
     first_interval = self._steady_rate is None
     self._steady_rate = rate
     self._last_step, self._last_time = step, now
-    loss = float(np.mean([float(m['loss']) for m in fetched_metrics]))
-    grad_norm = float(np.mean([float(m['grad_norm']) for m in fetched_metrics]))
+    # Skipped (non-finite) steps are not among `fetched_metrics`; all of an interval may be.
+    loss = float(np.mean([float(m['loss']) for m in fetched_metrics])) if fetched_metrics else math.nan
+    grad_norm = (float(np.mean([float(m['grad_norm']) for m in fetched_metrics])) if fetched_metrics
+                 else math.nan)
     eta = (self.total_steps - step) / max(rate, 1e-9)
     note = ' (incl. compile)' if first_interval else ''
     say(f'step {step}/{self.total_steps}  loss {loss:.4f}  |  {rate:.2f} steps/s  '
@@ -57,14 +60,15 @@ class Progress:
 
 
 def log_epoch(record: dict, writer) -> None:
-  extras = '  '.join(f'{k} {v:.4f}' for k, v in record.items()
-                     if k not in ('epoch', 'step', 'train_loss', 'val_loss'))
+  """The epoch's line, and its numbers in TensorBoard (notes such as config changes are in history.json)."""
+  numbers = {k: v for k, v in record.items()
+             if isinstance(v, (int, float)) and k not in ('epoch', 'step')}
+  extras = '  '.join(f'{k} {v:.4f}' for k, v in numbers.items() if k not in ('train_loss', 'val_loss'))
   say(f"epoch {record['epoch']} (step {record['step']}): train loss {record['train_loss']:.4f}  "
       f"val loss {record['val_loss']:.4f}  {extras}".rstrip())
   if writer is not None:
-    for key, value in record.items():
-      if key not in ('epoch', 'step'):
-        writer.add_scalar(f'epoch/{key}', value, record['step'])
+    for key, value in numbers.items():
+      writer.add_scalar(f'epoch/{key}', value, record['step'])
     writer.flush()
 
 

@@ -111,8 +111,11 @@ def token_cross_entropy(logits, tokens, example_weight=None):
 
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, logits_fn: LogitsFn,
-               tx: optax.GradientTransformation) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimiser step on a (globally sharded) batch; BatchNorm statistics are over the global batch."""
+               tx: optax.GradientTransformation,
+               skip_nonfinite: bool = False) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimiser step on a (globally sharded) batch; BatchNorm statistics are over the global batch.
+  With `skip_nonfinite`, a step whose loss or gradient norm is NaN/Inf leaves the state as it was
+  (only the step counter advances); the loop decides how many of those it tolerates."""
   step_rng = jax.random.fold_in(state.rng, state.step)
 
   def loss_fn(params):
@@ -123,9 +126,14 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, logits_fn: 
 
   (loss, (batch_stats, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  grad_norm = optax.tree.norm(grads)
   new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                             batch_stats=batch_stats, opt_state=opt_state)
-  return new_state, {'loss': loss, 'tokens': count, 'grad_norm': optax.tree.norm(grads)}
+  if skip_nonfinite:
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state,
+                             state.replace(step=state.step + 1))
+  return new_state, {'loss': loss, 'tokens': count, 'grad_norm': grad_norm}
 
 
 def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *, logits_fn: LogitsFn) -> dict:
@@ -153,10 +161,10 @@ def create_train_state(model, tx: optax.GradientTransformation, seed: int, image
   return jax.jit(init, out_shardings=mesh_lib.replicated(mesh))(jax.random.PRNGKey(seed))
 
 
-def compile_train_step(logits_fn: LogitsFn, tx, mesh) -> Callable:
+def compile_train_step(logits_fn: LogitsFn, tx, mesh, *, skip_nonfinite: bool = False) -> Callable:
   """The train step, jitted once with explicit shardings; the old state's buffers are donated."""
   replicated, batch = mesh_lib.replicated(mesh), mesh_lib.batch_sharded(mesh)
-  return jax.jit(functools.partial(train_step, logits_fn=logits_fn, tx=tx),
+  return jax.jit(functools.partial(train_step, logits_fn=logits_fn, tx=tx, skip_nonfinite=skip_nonfinite),
                  in_shardings=(replicated, batch), out_shardings=(replicated, replicated),
                  donate_argnums=(0,))
 

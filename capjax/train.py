@@ -4,8 +4,9 @@ The steps themselves are pure functions in `state.py`; this module owns what hap
 the data iterator, resuming, per-epoch validation, checkpoints, history and progress output.
 """
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 import dataclasses
+import math
 import os
 from typing import Any
 
@@ -13,10 +14,10 @@ import flax.linen as nn
 import jax
 from jax.sharding import Mesh
 import ml_collections
-import numpy as np
 import optax
 
 from capjax import checkpointing
+from capjax import errors
 from capjax import evaluation
 from capjax import features
 from capjax import input_pipeline
@@ -58,8 +59,18 @@ class _Run:
   train_fn_for_step: Callable[[int], Callable]
   eval_fn: Callable
   checkpointer: checkpointing.Checkpointer
-  writer: Any
-  history: list[dict]
+  identity: dict  # config fields + vocabulary hash (workdir.run_identity), stored in every checkpoint
+  writer: Any = None
+  history: list[dict] = dataclasses.field(default_factory=list)
+  config_changes: dict = dataclasses.field(default_factory=dict)  # allowed on resume; next epoch records
+  # The loop's bookkeeping, kept in each checkpoint so a resumed run reports what an unbroken one would.
+  epoch_loss_sum: float = 0.0
+  epoch_loss_steps: int = 0
+  nonfinite_steps: int = 0
+
+  def run_info(self) -> dict:
+    return {'identity': self.identity, 'epoch_loss_sum': self.epoch_loss_sum,
+            'epoch_loss_steps': self.epoch_loss_steps, 'nonfinite_steps': self.nonfinite_steps}
 
   def val_loss(self, state) -> float:
     return evaluation.split_loss(self.eval_fn, state, self.loss_sources['validation'], self.vocab,
@@ -68,21 +79,39 @@ class _Run:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       splits: Mapping[str, Any] | None = None) -> TrainResult:
+                       splits: Mapping[str, Any] | None = None, *,
+                       allow_config_change: Sequence[str] = ()) -> TrainResult:
   """Trains (resuming from `workdir` if it holds checkpoints) and validates each epoch.
 
-  `splits` injects data sources (tests); by default the prepared tfds splits are opened."""
+  A resume must match the checkpoints' config and vocabulary, except for the fields named in
+  `allow_config_change`. `splits` injects data sources (tests); by default the prepared tfds splits
+  are opened."""
+  config = workdir_lib.with_absolute_paths(config)
+  checkpointing.check_best_metric(config.train.best_metric, config.train.best_mode)
+  if config.train.best_metric not in ('', 'val_loss', 'train_loss') and not config.train.metrics_every_epochs:
+    reporting.say(f'Note: config.train.best_metric={config.train.best_metric!r} is never computed with '
+                  "metrics_every_epochs=0, so 'best' is the latest checkpoint (best_metric='val_loss' "
+                  'ranks by validation loss).')
   os.makedirs(workdir, exist_ok=True)
-  if splits is None:
-    splits = prepare.open_dataset(config.data)
-  vocab = workdir_lib.load_or_build_vocab(workdir, config.data, splits['train'])
-  workdir_lib.save_config(workdir, config)
-  run, state = _new_run(config, workdir, splits, vocab)
-  train_iter = input_pipeline.make_train_iterator(
-      run.loss_sources['train'], vocab, run.pipeline,
-      host_batch_size=mesh_lib.per_host_batch_size(config.train.batch_size, run.mesh),
-      process_index=jax.process_index(), process_count=jax.process_count())
-  state = _resume(run, state, train_iter)
+  with workdir_lib.training_lock(workdir):
+    if splits is None:
+      splits = prepare.open_dataset(config.data)
+    vocab = workdir_lib.load_or_build_vocab(workdir, config.data, splits['train'])
+    run, state = _new_run(config, workdir, splits, vocab)
+    train_iter = input_pipeline.make_train_iterator(
+        run.loss_sources['train'], vocab, run.pipeline,
+        host_batch_size=mesh_lib.per_host_batch_size(config.train.batch_size, run.mesh),
+        process_index=jax.process_index(), process_count=jax.process_count())
+    state = _resume(run, state, train_iter, allow_config_change)
+    # Only now, with the run going ahead, do the workdir's files change.
+    workdir_lib.save_vocab(workdir, vocab)
+    workdir_lib.save_config(workdir, config)
+    run.writer = reporting.make_writer(workdir)
+    return _train(run, state, train_iter)
+
+
+def _train(run: '_Run', state, train_iter) -> TrainResult:
+  config, workdir, vocab = run.config, run.workdir, run.vocab
   reporting.say(f'Training {run.total_steps} steps ({run.steps_per_epoch} per epoch, global batch '
                 f'{config.train.batch_size}, {run.mesh.devices.size} devices, vocabulary {len(vocab)}, '
                 f'encoder {config.model.encoder_mode}).')
@@ -120,30 +149,52 @@ def _new_run(config, workdir: str, splits, vocab) -> tuple[_Run, state_lib.Train
   # The one place that decides what the loss reads: images, or (cached mode) pooled trunk features.
   from_features = config.model.encoder_mode == 'cached'
   logits_fn = state_lib.teacher_forced_logits(model, from_features=from_features)
+  skip_nonfinite = config.train.skip_nonfinite_steps > 0
   run = _Run(
       config=config, workdir=workdir, vocab=vocab, model=model, mesh=mesh, splits=splits,
       loss_sources=_loss_sources(config, workdir, model, state, splits, mesh),
       pipeline=input_pipeline.PipelineConfig.from_config(config, from_features=from_features),
       steps_per_epoch=steps_per_epoch, total_steps=total_steps, schedule=schedule,
-      train_fn_for_step=_compiled_train_steps(config, vocab, logits_fn, tx, mesh, frozen_steps),
+      train_fn_for_step=_compiled_train_steps(config, vocab, logits_fn, tx, mesh, frozen_steps,
+                                              skip_nonfinite),
       eval_fn=state_lib.compile_eval_step(logits_fn, mesh),
       checkpointer=checkpointing.Checkpointer(
           workdir_lib.checkpoint_dir(workdir), keep=config.train.keep_checkpoints,
           keep_best=config.train.keep_best_checkpoints, best_metric=config.train.best_metric,
           best_mode=config.train.best_mode),
-      writer=reporting.make_writer(workdir), history=[])
+      identity=workdir_lib.run_identity(config, vocab))
   return run, state
 
 
-def _resume(run: _Run, state: state_lib.TrainState, train_iter) -> state_lib.TrainState:
-  """The latest checkpoint's state (and the iterator's position), or `state` for a new run."""
-  step = run.checkpointer.latest_step()
-  if step is None:
+def _resume(run: _Run, state: state_lib.TrainState, train_iter,
+            allow_config_change: Sequence[str]) -> state_lib.TrainState:
+  """The newest readable checkpoint's state (and the iterator's position, and the loop's bookkeeping),
+  or `state` for a new run. Unreadable newer checkpoints are reported and set aside; a checkpoint of
+  another config or vocabulary is refused (ConfigMismatch) unless the changed fields are allowed."""
+  if run.checkpointer.latest_step() is None:
     return state
-  state = run.checkpointer.restore(
-      step, checkpointing.abstract_like(state, mesh_lib.replicated(run.mesh)), train_iter)
+  target = checkpointing.abstract_like(state, mesh_lib.replicated(run.mesh))
+
+  def restore(step):
+    info = run.checkpointer.run_info(step)
+    changes = {}
+    if info is None:
+      reporting.say(f'Checkpoint {step} predates run fingerprints: its config and vocabulary are '
+                    'not checked.')
+    else:
+      changes = workdir_lib.check_resume(info['identity'], run.identity, allow_config_change,
+                                         where=f'checkpoint {step} in {run.checkpointer.directory}')
+    return run.checkpointer.restore(step, target, train_iter), info or {}, changes
+
+  step, (state, info, changes) = run.checkpointer.restore_first_readable(
+      run.checkpointer.candidates('latest'), restore, set_aside=True)
   run.history[:] = [h for h in workdir_lib.load_history(run.workdir) if h['step'] <= step]
-  reporting.say(f'Resumed from step {step} in {run.workdir}.')
+  run.config_changes = changes
+  run.epoch_loss_sum = info.get('epoch_loss_sum', 0.0)
+  run.epoch_loss_steps = info.get('epoch_loss_steps', 0)
+  run.nonfinite_steps = info.get('nonfinite_steps', 0)
+  changed = f' with config changes {changes}' if changes else ''
+  reporting.say(f'Resumed from step {step} in {run.workdir}{changed}.')
   return state
 
 
@@ -185,14 +236,15 @@ def _loss_sources(config, workdir, model, state, splits, mesh) -> dict:
   return sources
 
 
-def _compiled_train_steps(config, vocab, logits_fn, tx, mesh, frozen_steps: int):
+def _compiled_train_steps(config, vocab, logits_fn, tx, mesh, frozen_steps: int, skip_nonfinite: bool):
   """step -> compiled train step: during the frozen warm-up, a variant whose trunk is frozen (no
   gradient, BatchNorm in inference mode); the same parameters either way."""
-  train_fn = state_lib.compile_train_step(logits_fn, tx, mesh)
+  train_fn = state_lib.compile_train_step(logits_fn, tx, mesh, skip_nonfinite=skip_nonfinite)
   if not frozen_steps:
     return lambda step: train_fn
   warmup_model = captioner.build_captioner(config.model, len(vocab), trunk_mode='frozen')
-  warmup_fn = state_lib.compile_train_step(state_lib.teacher_forced_logits(warmup_model), tx, mesh)
+  warmup_fn = state_lib.compile_train_step(state_lib.teacher_forced_logits(warmup_model), tx, mesh,
+                                           skip_nonfinite=skip_nonfinite)
   return lambda step: warmup_fn if step < frozen_steps else train_fn
 
 
@@ -208,36 +260,60 @@ def _draw_batches(iterator, count: int):
     yield batch, iterator.get_state()
 
 
-def _epoch_end(run: _Run, state, epoch: int, train_loss: float, data_state) -> None:
+def _epoch_end(run: _Run, state, epoch: int, data_state) -> None:
+  """Validation loss, then the checkpoint (the epoch is safe from here on), then caption metrics: a
+  failing metric costs a warning and a missing value, never the epoch."""
   cfg = run.config
-  record = {'epoch': epoch, 'step': int(state.step), 'train_loss': train_loss,
-            'val_loss': run.val_loss(state)}
-  every = cfg.train.metrics_every_epochs
-  if every and (epoch % every == 0 or int(state.step) >= run.total_steps):
-    scores = evaluation.caption_metrics_for_split(
-        run.model, state, run.vocab, run.splits['validation'], run.mesh, cfg,
-        metrics=('bleu', 'cider'), max_images=cfg.train.metrics_num_images)
-    record.update(scores)
+  step = int(state.step)
+  record = {'epoch': epoch, 'step': step,
+            'train_loss': run.epoch_loss_sum / max(run.epoch_loss_steps, 1) if run.epoch_loss_steps
+            else float('nan'), 'val_loss': run.val_loss(state)}
+  if run.config_changes:
+    record['config_changes'] = run.config_changes
+    run.config_changes = {}
+  run.epoch_loss_sum, run.epoch_loss_steps = 0.0, 0
+  run.checkpointer.save(step, state, data_state, run.run_info())
   run.history.append(record)
-  run.checkpointer.save(int(state.step), state, data_state, metrics=record)
   workdir_lib.save_history(run.workdir, run.history)
+  every = cfg.train.metrics_every_epochs
+  if every and (epoch % every == 0 or step >= run.total_steps):
+    try:
+      record.update(evaluation.caption_metrics_for_split(
+          run.model, state, run.vocab, run.splits['validation'], run.mesh, cfg,
+          metrics=('bleu', 'cider'), max_images=cfg.train.metrics_num_images))
+    except Exception as e:  # pylint: disable=broad-except  (metrics must not cost the epoch)
+      reporting.say(f'Warning: epoch {epoch}: caption metrics failed and are left out '
+                    f'({type(e).__name__}: {e}); checkpoint {step} is saved.')
+      record['metrics_error'] = f'{type(e).__name__}: {e}'
+    workdir_lib.save_history(run.workdir, run.history)
+  run.checkpointer.record_metrics(step, record)
   reporting.log_epoch(record, run.writer)
 
 
 def _train_loop(run: _Run, state, train_iter) -> tuple[state_lib.TrainState, dict[int, float]]:
-  """Steps from `state.step` to the end; returns the final state and {step: loss} of the steps run."""
+  """Steps from `state.step` to the end; returns the final state and {step: loss} of the steps run.
+
+  Metrics come back from the devices only at log time and before every checkpoint; a NaN/Inf loss or
+  gradient norm among them stops the run (after `skip_nonfinite_steps` skipped steps in all) before
+  anything non-finite is saved."""
   cfg = run.config
   start_step = int(state.step)
   progress = reporting.Progress(run.total_steps, start_step, cfg.train.batch_size)
-  pending, epoch_losses, step_losses = [], [], {}
+  pending, step_losses = [], {}
 
-  def fetch(step):  # metrics are fetched at log time only: the host never waits on each step
+  def fetch(step):  # the host never waits on each step: metrics are fetched in groups
     nonlocal pending
     fetched, pending = jax.device_get(pending), []
-    losses = [float(m['loss']) for m in fetched]
-    epoch_losses.extend(losses)
-    step_losses.update(zip(range(step - len(losses) + 1, step + 1), losses))
-    return fetched
+    for offset, metrics in enumerate(fetched):
+      which = step - len(fetched) + 1 + offset
+      loss, grad_norm = float(metrics['loss']), float(metrics['grad_norm'])
+      if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        _count_nonfinite(run, which, loss, grad_norm)
+        continue
+      run.epoch_loss_sum += loss
+      run.epoch_loss_steps += 1
+      step_losses[which] = loss
+    return [m for m in fetched if math.isfinite(float(m['loss']))]
 
   # Batches go to the devices one step ahead: the copy (and the next host batch) overlap the step.
   batches = mesh_lib.prefetch_to_mesh(
@@ -249,11 +325,24 @@ def _train_loop(run: _Run, state, train_iter) -> tuple[state_lib.TrainState, dic
       progress.update(step + 1, fetch(step + 1), run.schedule(step), run.writer)
     if (step + 1) % run.steps_per_epoch == 0 or step + 1 == run.total_steps:
       fetch(step + 1)
-      epoch = -(-(step + 1) // run.steps_per_epoch)
-      train_loss = float(np.mean(epoch_losses)) if epoch_losses else float('nan')
-      _epoch_end(run, state, epoch, train_loss, data_state)
-      epoch_losses.clear()
+      _epoch_end(run, state, -(-(step + 1) // run.steps_per_epoch), data_state)
       progress.restart_clock(step + 1)
     elif cfg.train.checkpoint_every_steps and (step + 1) % cfg.train.checkpoint_every_steps == 0:
-      run.checkpointer.save(step + 1, state, data_state)
+      fetch(step + 1)
+      run.checkpointer.save(step + 1, state, data_state, run.run_info())
   return state, step_losses
+
+
+def _count_nonfinite(run: _Run, step: int, loss: float, grad_norm: float) -> None:
+  run.nonfinite_steps += 1
+  allowed = run.config.train.skip_nonfinite_steps
+  if run.nonfinite_steps <= allowed:
+    reporting.say(f'Warning: step {step}: loss {loss}, gradient norm {grad_norm}; the update was '
+                  f'skipped ({run.nonfinite_steps} of {allowed} allowed).')
+    return
+  saved = run.checkpointer.latest_step()
+  raise errors.TrainingDiverged(
+      f'training diverged at step {step}: loss {loss}, gradient norm {grad_norm}. Nothing after '
+      f'{"checkpoint " + str(saved) if saved is not None else "the start"} was saved. Lower '
+      'config.train.learning_rate (or raise warmup_epochs), or let up to N such steps be skipped with '
+      'config.train.skip_nonfinite_steps=N.')

@@ -1,19 +1,32 @@
-"""What a workdir holds besides checkpoints: config, vocabulary, per-epoch history.
+"""What a workdir holds besides checkpoints: config, vocabulary, history, the lock; and what identifies a run.
 
-    <workdir>/config.json       the config the run was started with (eval/caption need nothing else)
-    <workdir>/vocab.json        the vocabulary (readable JSON; its fingerprint is checked on reuse)
+    <workdir>/config.json       the config of the run (paths absolute; eval/caption need nothing else)
+    <workdir>/vocab.json        the vocabulary (readable JSON)
     <workdir>/history.json      per-epoch train/val loss and metrics
     <workdir>/checkpoints/      orbax checkpoints (capjax/checkpointing.py)
+    <workdir>/train.lock        held by the training process (its pid, host and start time inside)
     <workdir>/tensorboard/      TensorBoard scalars
     <workdir>/loss_curves.png   train vs validation loss
+
+A run's identity is its config minus the fields that only steer how it runs (logging, checkpoint
+retention, paths, eval batch size...) plus the content hash of its vocabulary. Every checkpoint stores it;
+resuming with a different identity is refused with the list of changed fields, unless the user allows
+those fields to change (`--allow_config_change`), which the history then records.
 """
 
+from collections.abc import Iterable
+import contextlib
+import datetime
+import fcntl
+import json
 import os
+import socket
 
 from absl import logging
 import jax
 import ml_collections
 
+from capjax import errors
 from capjax import fileio
 from capjax import vocab as vocab_lib
 from capjax.input_pipeline import record_captions
@@ -21,6 +34,16 @@ from capjax.input_pipeline import record_captions
 
 def checkpoint_dir(workdir: str) -> str:
   return os.path.join(workdir, 'checkpoints')
+
+
+def with_absolute_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config with its data paths made absolute, so eval and caption find the same data whatever
+  directory they are started from."""
+  for field in ('data_dir', 'manual_dir'):
+    value = config.data[field]
+    if value:
+      config.data[field] = os.path.abspath(os.path.expanduser(value))
+  return config
 
 
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -43,8 +66,8 @@ def vocab_path(workdir: str) -> str:
 
 
 def load_or_build_vocab(workdir: str, data_config, train_source) -> vocab_lib.Vocabulary:
-  """Reuses `<workdir>/vocab.json` (a resumed run must not change the vocabulary); otherwise
-  builds it from the training captions and saves it."""
+  """Reuses `<workdir>/vocab.json` (a resumed run must not change the vocabulary); otherwise builds
+  it from the training captions. Saving it is the caller's (once the run is known to go ahead)."""
   path = vocab_path(workdir)
   if os.path.exists(path):
     vocab = vocab_lib.Vocabulary.load(path)
@@ -61,9 +84,12 @@ def load_or_build_vocab(workdir: str, data_config, train_source) -> vocab_lib.Vo
   print(f'Vocabulary: {len(vocab)} tokens (4 specials + words seen >= {vocab.min_count} times in '
         f'{len(captions)} training captions); {truncated} captions truncated to '
         f'{data_config.max_caption_len} tokens.', flush=True)
-  if jax.process_index() == 0:
-    vocab.save(path)
   return vocab
+
+
+def save_vocab(workdir: str, vocab: vocab_lib.Vocabulary) -> None:
+  if jax.process_index() == 0:
+    vocab.save(vocab_path(workdir))
 
 
 def load_vocab(workdir: str) -> vocab_lib.Vocabulary:
@@ -80,3 +106,107 @@ def load_history(workdir: str) -> list[dict]:
   if not os.path.exists(path):
     return []
   return fileio.read_json(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Run identity
+# ----------------------------------------------------------------------------------------------
+
+# Fields that steer how a run goes, not what it computes: they may differ when it resumes.
+OPERATIONAL_FIELDS = frozenset({
+    'data.data_dir', 'data.manual_dir', 'data.layout', 'data.read_threads', 'data.prefetch_batches',
+    'model.reextract_features', 'model.encoder_init', 'train.log_every_steps',
+    'train.checkpoint_every_steps', 'train.keep_checkpoints', 'train.keep_best_checkpoints',
+    'train.best_metric', 'train.best_mode', 'train.metrics_every_epochs', 'train.metrics_num_images',
+    'train.eval_batch_size', 'train.skip_nonfinite_steps',
+})
+# Fields a resumed run can never change, even when allowed: what the step structure, the data a step
+# reads and the parameter shapes are made of. A new workdir is the way to change these.
+_CHANGEABLE_PREFIXES = ('train.', 'data.augment.', 'model.dtype', 'model.lstm_unroll')
+_FIXED_TRAIN_FIELDS = frozenset({'train.batch_size'})
+
+
+def _flatten(tree: dict, prefix: str = '') -> dict:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
+def run_identity(config: ml_collections.ConfigDict, vocab: vocab_lib.Vocabulary) -> dict:
+  """What defines a run: its config fields (JSON values) and its vocabulary's content hash."""
+  fields = json.loads(json.dumps(_flatten(config.to_dict())))  # tuples -> lists, as stored
+  return {'config': {k: v for k, v in sorted(fields.items()) if k not in OPERATIONAL_FIELDS},
+          'vocabulary': {'size': len(vocab), 'sha256': vocab.fingerprint()}}
+
+
+def check_vocabulary(saved: dict, current: dict, *, where: str) -> None:
+  """ConfigMismatch unless two run identities have the same vocabulary (size and content hash)."""
+  was, now = saved['vocabulary'], current['vocabulary']
+  if was != now:
+    raise errors.ConfigMismatch(
+        f'vocab.json does not hold the vocabulary {where} was trained with (size {was["size"]} -> '
+        f'{now["size"]}, content hash {was["sha256"]} -> {now["sha256"]}): it was edited, reordered or '
+        'rebuilt. Restore the original vocab.json or train in a new workdir.')
+
+
+def check_resume(saved: dict, current: dict, allowed: Iterable[str], *, where: str) -> dict[str, list]:
+  """{field: [saved, now]} for the config changes a resume makes, when every one is allowed; otherwise
+  ConfigMismatch naming each field. A different vocabulary is always refused."""
+  check_vocabulary(saved, current, where=where)
+  old, new = saved['config'], current['config']
+  changes = {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+  allowed = set(allowed)
+  unknown = sorted(allowed - set(old) - set(new) - OPERATIONAL_FIELDS)
+  if unknown:
+    raise errors.ConfigMismatch(f'--allow_config_change names unknown config fields: {unknown}')
+  listing = '\n'.join(f'  {k}: {a!r} -> {b!r}' for k, (a, b) in changes.items())
+  refused = sorted(set(changes) - allowed)
+  if refused:
+    raise errors.ConfigMismatch(
+        f'the config differs from the one {where} was trained with:\n{listing}\nTo resume with these '
+        f'changes on purpose: --allow_config_change={",".join(refused)}; or train in a new workdir.')
+  fixed = sorted(k for k in changes
+                 if not k.startswith(_CHANGEABLE_PREFIXES) or k in _FIXED_TRAIN_FIELDS)
+  if fixed:
+    raise errors.ConfigMismatch(
+        f'{fixed} cannot change in a resumed run (the model, the data or the step structure would '
+        f'differ from the checkpoints):\n{listing}\nTrain in a new workdir instead.')
+  return changes
+
+
+# ----------------------------------------------------------------------------------------------
+# The training lock
+# ----------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def training_lock(workdir: str):
+  """Holds `<workdir>/train.lock` (process 0 of a run) so two training runs never mix in one workdir.
+  An flock dies with its process, so a killed run leaves no stale lock behind."""
+  if jax.process_index() != 0:
+    yield
+    return
+  path = os.path.join(workdir, 'train.lock')
+  handle = open(path, 'a+', encoding='utf-8')  # pylint: disable=consider-using-with
+  try:
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    handle.seek(0)
+    holder = handle.read().strip() or 'a process that left no details'
+    handle.close()
+    raise errors.WorkdirLocked(f'{workdir} is being trained by another process ({holder}); let it '
+                               'finish or stop it, or train in another --workdir') from None
+  handle.seek(0)
+  handle.truncate()
+  since = datetime.datetime.now().astimezone().isoformat(timespec='seconds')
+  handle.write(f'pid {os.getpid()} on {socket.gethostname()} since {since}\n')
+  handle.flush()
+  try:
+    yield
+  finally:
+    fcntl.flock(handle, fcntl.LOCK_UN)
+    handle.close()

@@ -79,4 +79,7 @@ def get_config() -> ml_collections.ConfigDict:
   train.metrics_num_images = 1000  # cap on validation images decoded for metrics
   train.eval_batch_size = 64
   train.max_steps = 0  # >0: stop after this many steps (smoke tests)
+  # A NaN/Inf loss or gradient norm stops the run (nothing non-finite is ever saved); >0: first skip up
+  # to this many such steps in all (the update is dropped, the step counter advances).
+  train.skip_nonfinite_steps = 0
   return config

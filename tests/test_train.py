@@ -95,7 +95,8 @@ def test_resume_after_kill_gives_identical_losses(tmp_path, monkeypatch):
   config = _tiny_config()
   config.train.checkpoint_every_steps = 3
   splits = _records(num_train=24)  # 120 pairs: 7 steps per epoch, 14 in all
-  uninterrupted = train.train_and_evaluate(config, str(tmp_path / 'a'), splits).step_losses
+  unbroken = train.train_and_evaluate(config, str(tmp_path / 'a'), splits)
+  uninterrupted = unbroken.step_losses
   assert len(uninterrupted) == 14
 
   real_draw = train._draw_batches
@@ -115,3 +116,5 @@ def test_resume_after_kill_gives_identical_losses(tmp_path, monkeypatch):
   for step, loss in resumed.step_losses.items():
     assert loss == pytest.approx(uninterrupted[step], rel=1e-6, abs=1e-6), step
   assert [h['step'] for h in resumed.history] == [7, 14]
+  # Epoch 2 was interrupted at step 11: its train loss still averages all of its 7 steps.
+  assert [h['train_loss'] for h in resumed.history] == [h['train_loss'] for h in unbroken.history]

@@ -50,6 +50,7 @@ BAD_IMAGE = 'bad_image'
 MALFORMED_LINE = 'malformed_line'
 NO_SPLIT = 'no_split'
 NO_CAPTIONS = 'no_captions'
+UNSAFE_PATH = 'unsafe_path'
 
 KAGGLE_SPLIT_SEED = 8
 _VALIDATION_FRACTION = 1 / 8
@@ -290,6 +291,13 @@ class _FileIndex:
     return ', '.join(os.fspath(r) for r in existing)
 
 
+def is_contained(name: str) -> bool:
+  """Whether an image name from a captions file stays inside the folder it is looked up in: relative,
+  without '..' components (on any platform's separator), so a crafted file cannot pull in other files."""
+  parts = re.split(r'[\\/]', name)
+  return bool(name) and not name.startswith(('/', '\\', '~')) and ':' not in parts[0] and '..' not in parts
+
+
 def _name_candidates(name: str) -> list[str]:
   match = _COPY_SUFFIX.fullmatch(name)
   return [name, match.group(1)] if match else [name]
@@ -304,6 +312,10 @@ def _resolve_images(
   """Maps caption-file names to files on disk, merging renamed duplicates."""
   resolved: dict[str, tuple[pathlib.Path, list[str]]] = {}
   for name, captions in captions_by_name.items():
+    if not is_contained(name):
+      report.skip(UNSAFE_PATH, name, f'{len(captions)} caption(s) in {source} name a file outside the '
+                  'dataset folder (absolute path or "..")')
+      continue
     found = index.find(name)
     if found is None:
       report.skip(MISSING_FILE, name, f'{len(captions)} caption(s) in {source}, no such image in '

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,6 +43,7 @@ def prepare_dataset(
                    image_size=image_size, seed=seed)
   builder = builder_lib.CapjaxCaptions(config=config, data_dir=os.fspath(data_dir), layout=layout)
   already_prepared = builder.is_prepared()
+  _report_unfinished_builds(builder)
   if not already_prepared:
     download_config = tfds.download.DownloadConfig(
         manual_dir=os.fspath(manual_dir) if manual_dir is not None else None)
@@ -50,6 +53,16 @@ def prepare_dataset(
                  rebuilt=not already_prepared)
   print(_summary_text(summary))
   return summary
+
+
+def _report_unfinished_builds(builder) -> None:
+  """tfds builds into `incomplete.*` folders and renames them when done; a killed prepare leaves one
+  behind. They are reported, not deleted: another prepare may be writing into the same data dir."""
+  leftovers = sorted(glob.glob(os.path.join(os.fspath(builder.data_path.parent), 'incomplete.*')))
+  for path in leftovers:
+    age_hours = (time.time() - os.path.getmtime(path)) / 3600
+    print(f'Note: {path} is an unfinished dataset build ({age_hours:.1f} h old), left by a killed prepare; '
+          'delete it when no prepare is running.', flush=True)
 
 
 def open_splits(
@@ -142,19 +155,21 @@ def prepare_from_config(data_config) -> dict[str, Any]:
                          layout=data_config.layout)
 
 
-def open_dataset(data_config) -> dict[str, Sequence[dict[str, Any]]]:
+def open_dataset(data_config, *, build_demo: bool = True) -> dict[str, Sequence[dict[str, Any]]]:
   """{'train'|'validation'|'test': random-access source} for `config.data`. The demo data is generated
-  the first time; real datasets must have been prepared (their images come from a manual download)."""
+  the first time when `build_demo` (training); evaluation opens what training used and never builds.
+  Real datasets must have been prepared (their images come from a manual download)."""
   data_dir = os.path.expanduser(data_config.data_dir)
-  if data_config.name == builder_lib.SHAPES:
+  overrides = _shapes_overrides(data_config) if data_config.name == builder_lib.SHAPES else {}
+  if data_config.name == builder_lib.SHAPES and build_demo:
     prepare_from_config(data_config)
-    splits = open_splits(builder_lib.SHAPES, data_dir, **_shapes_overrides(data_config))
-  else:
-    try:
-      splits = open_splits(data_config.name, data_dir)
-    except FileNotFoundError as e:
-      raise FileNotFoundError(f'{e}.\nRun: python launch.py --mode=prepare --config=<your config> '
-                              f'--config.data.manual_dir=/path/to/{data_config.name}') from e
+  try:
+    splits = open_splits(data_config.name, data_dir, **overrides)
+  except FileNotFoundError as e:
+    how = ('a demo training run builds it' if data_config.name == builder_lib.SHAPES else
+           f'run: python launch.py --mode=prepare --config=<your config> '
+           f'--config.data.manual_dir=/path/to/{data_config.name}')
+    raise FileNotFoundError(f'{e}.\nData dir {os.path.abspath(data_dir)!r}: {how}') from e
   missing = [s for s in layouts.SPLITS if s not in splits]
   if missing:
     raise ValueError(f'dataset {data_config.name!r} in {data_dir} has no {missing} split(s)')
