@@ -2,8 +2,11 @@ r"""Soak test of exact resume: SIGKILL a small training run at random moments, N
 its epoch history and final test numbers must equal an uninterrupted run's.
 
 Each attempt is `python launch.py` on configs/tiny.py (tiny ResNet, 32 px, 3 epochs, a checkpoint every 2
-steps, validation caption metrics every epoch), killed after a random time drawn from the seeded range
-(the kill lands anywhere: start-up, compile, a step, a checkpoint save, metrics, the final report).
+steps, validation caption metrics every epoch, a progress line every step). Once an attempt has started
+training (its first progress line is out: start-up and compilation are done), it is killed after a
+random delay drawn from U(0, 2 T / N) (T: the uninterrupted run's time from its first step to the end,
+N: the number of kills), so that the N attempts together cover about one whole run and the kills land
+in steps, checkpoint saves, epoch-end metrics and the final report.
 
   python -m benchmarks.soak_resume --kills=10            # ~6-8 min on the 2-core CPU machine
 
@@ -29,8 +32,6 @@ from absl import flags
 from benchmarks import harness
 
 _KILLS = flags.DEFINE_integer('kills', 10, 'How many times the run is killed before it may finish.')
-_MIN_S = flags.DEFINE_float('min_seconds', 3.0, 'Earliest kill, seconds after the start of an attempt.')
-_MAX_S = flags.DEFINE_float('max_seconds', 45.0, 'Latest kill, seconds after the start of an attempt.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the kill times.')
 _OUTPUT = flags.DEFINE_string('output', None, 'JSON path; default benchmarks/results/soak_resume.json.')
 
@@ -44,18 +45,32 @@ def _command(workdir: str, data_dir: str) -> list[str]:
           f'--config.data.data_dir={data_dir}', *_OVERRIDES]
 
 
-def _run(command: list[str], log: str, kill_after: float | None) -> tuple[int, float]:
-  """(exit code or -SIGKILL, seconds) of one attempt, its output appended to `log`."""
+_STARTED = ('step ',)  # the first progress line: imports, data and compilation are done
+
+
+def _run(command: list[str], log: str, kill_after: float | None) -> tuple[int, float, float]:
+  """(exit code or -SIGKILL, seconds until training started, seconds in all) of one attempt, its output
+  appended to `log`; with `kill_after`, SIGKILL that many seconds after training started. An attempt
+  with nothing left to train (it only reports) is never killed."""
   start = time.perf_counter()
+  offset = os.path.getsize(log) if os.path.exists(log) else 0
+  started = None
   with open(log, 'a', encoding='utf-8') as out:
     process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=harness.REPO_ROOT,
                                env=dict(os.environ, JAX_PLATFORMS='cpu'))
-    try:
-      process.wait(timeout=kill_after)
-    except subprocess.TimeoutExpired:
-      process.send_signal(signal.SIGKILL)
-      process.wait()
-  return process.returncode, time.perf_counter() - start
+    while process.poll() is None:
+      if started is None:
+        with open(log, encoding='utf-8') as f:
+          f.seek(offset)
+          if any(line.startswith(_STARTED) for line in f.read().splitlines()):
+            started = time.perf_counter()
+      elif kill_after is not None and time.perf_counter() - started >= kill_after:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        break
+      time.sleep(0.05)
+  started = started or time.perf_counter()
+  return process.returncode, started - start, time.perf_counter() - start
 
 
 def _outcome(workdir: str, log: str) -> dict:
@@ -84,23 +99,27 @@ def main(argv):
     data_dir = os.path.join(scratch, 'data')
     reference_dir, soaked_dir = os.path.join(scratch, 'reference'), os.path.join(scratch, 'soaked')
     reference_log, soaked_log = reference_dir + '.log', soaked_dir + '.log'
-    code, reference_s = _run(_command(reference_dir, data_dir), reference_log, None)
+    code, startup_s, reference_s = _run(_command(reference_dir, data_dir), reference_log, None)
     if code:
       with open(reference_log, encoding='utf-8') as f:
         raise SystemExit(f'the uninterrupted run failed (exit {code}):\n{f.read()[-3000:]}')
-    print(f'uninterrupted run: {reference_s:.0f} s', flush=True)
+    print(f'uninterrupted run: {reference_s:.0f} s, {reference_s - startup_s:.0f} s after its first step',
+          flush=True)
     attempts = []
     while sum(a['killed'] for a in attempts) < _KILLS.value:
-      kill_after = rng.uniform(_MIN_S.value, _MAX_S.value)
-      code, seconds = _run(_command(soaked_dir, data_dir), soaked_log, kill_after)
-      attempts.append({'kill_after_s': round(kill_after, 2), 'killed': code == -signal.SIGKILL,
+      kill_after = rng.uniform(0.0, 2 * (reference_s - startup_s) / _KILLS.value)
+      if attempts and attempts[-1]['exit_code'] == 0:
+        break  # the run finished before all kills were spent
+      code, _, seconds = _run(_command(soaked_dir, data_dir), soaked_log, kill_after)
+      attempts.append({'kill_after_start_s': round(kill_after, 2), 'killed': code == -signal.SIGKILL,
                        'exit_code': code, 'last_output': _last_line(soaked_log)})
-      print(f"attempt {len(attempts)}: {'killed' if code == -signal.SIGKILL else f'exit {code}'} after "
-            f"{seconds:.1f} s; last output: {attempts[-1]['last_output']}", flush=True)
+      print(f"attempt {len(attempts)}: {'killed' if code == -signal.SIGKILL else f'exit {code}'} "
+            f"{kill_after:.1f} s after its first step ({seconds:.1f} s in all); last output: "
+            f"{attempts[-1]['last_output']}", flush=True)
       if code not in (0, -signal.SIGKILL):
         break
-    code, _ = _run(_command(soaked_dir, data_dir), soaked_log, None)
-    attempts.append({'kill_after_s': None, 'killed': False, 'exit_code': code,
+    code, _, _ = _run(_command(soaked_dir, data_dir), soaked_log, None)
+    attempts.append({'kill_after_start_s': None, 'killed': False, 'exit_code': code,
                      'last_output': _last_line(soaked_log)})
     reference, soaked = _outcome(reference_dir, reference_log), _outcome(soaked_dir, soaked_log)
   equal = code == 0 and reference == soaked
