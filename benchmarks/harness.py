@@ -148,7 +148,7 @@ def flickr_like_records(n: int, width: int = 500, height: int = 375, seed: int =
   rng = np.random.default_rng(seed)
   records = []
   for i in range(n):
-    image, captions = shapes.render_example(rng, max(width, height))
+    image, captions, _ = shapes.render_example(rng, max(width, height))
     buffer = io.BytesIO()
     image.crop((0, 0, width, height)).save(buffer, format='JPEG', quality=90)
     records.append({'image': buffer.getvalue(), 'image_id': f'bench_{i:05d}.jpg', 'captions': captions})

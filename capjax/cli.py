@@ -10,6 +10,7 @@ import sys
 
 import jax
 
+from capjax import content_score
 from capjax import errors
 from capjax import evaluation
 from capjax import fileio
@@ -31,6 +32,7 @@ class FinalReport:
   metrics: dict[str, float]  # greedy captions: BLEU-1..4, CIDEr
   baseline: dict[str, float]  # the same metrics for the most common training caption everywhere
   captions: list[dict]  # {'index', 'image_id', 'caption', 'references'} per test image
+  content: dict | None  # the demo's content score (capjax/content_score.py); None for real datasets
 
 
 def train(config, workdir: str, *, allow_config_change: Sequence[str] = ()) -> FinalReport:
@@ -57,10 +59,24 @@ def final_report(result: train_lib.TrainResult, config, workdir: str, splits) ->
   lines += [f"Test BLEU-4 {scores['Bleu_4']:.3f}  CIDEr {scores['CIDEr']:.3f}  ({len(results)} images)",
             f"Trivial baseline (\"{baseline_caption}\" for every image): BLEU-4 "
             f"{baseline['Bleu_4']:.3f}  CIDEr {baseline['CIDEr']:.3f}"]
+  content = _content_score(results, splits['test'])
+  if content:
+    lines.append(f"Test content: right objects {content['objects_right']:.1%}  colours "
+                 f"{content['colours_right']:.1%}  shapes {content['shapes_right']:.1%}  positions "
+                 f"right {content['positions_right']:.1%}, wrong {content['positions_wrong']:.1%}")
   reporting.say('\n'.join(lines))
   if jax.process_index() == 0:
     evaluation.save_caption_grid(results, splits['test'], os.path.join(workdir, 'test_examples.png'))
-  return FinalReport(test_loss=test_loss, metrics=scores, baseline=baseline, captions=results)
+  return FinalReport(test_loss=test_loss, metrics=scores, baseline=baseline, captions=results,
+                     content=content)
+
+
+def _content_score(results: list[dict], source) -> dict | None:
+  """The content score when the dataset stores ground truth (the demo), else None."""
+  objects = [content_score.record_objects(source[r['index']]) for r in results]
+  if not objects or any(o is None for o in objects):
+    return None
+  return content_score.content_score([r['caption'] for r in results], objects)
 
 
 def find_images(pattern: str) -> list[str]:

@@ -146,73 +146,128 @@ def augment_image(image: Image.Image, rng: np.random.Generator, size: int,
   return np.clip(pixels + 0.5, 0, 255).astype(np.uint8), flipped
 
 
-class LookupPair(grain.transforms.Map):
-  """Pair index -> (record, caption index); caption k of an image with n captions is k mod n.
-  With `random_caption`, the index is an image index and the caption index -1 means 'draw one'."""
+class LookupExample(grain.transforms.Map):
+  """Example index -> (image index, record, caption group g). An epoch visits every image `groups` times;
+  group g of an image with n captions holds its captions g*K .. g*K + K - 1 (mod n), K = seq_per_img.
+  With `random_caption`, one example per image whose K captions are drawn at random (g = -1)."""
 
-  def __init__(self, source, captions_per_image: int, random_caption: bool = False):
-    self._source = source
-    self._k = 1 if random_caption else captions_per_image
-    self._random = random_caption
+  def __init__(self, source, groups: int, random_caption: bool = False):
+    self._source, self._groups, self._random = source, groups, random_caption
 
   def map(self, index):
-    image_index, caption_index = divmod(int(index), self._k)
-    return self._source[image_index], (-1 if self._random else caption_index)
+    image_index, group = divmod(int(index), self._groups)
+    return image_index, self._source[image_index], (-1 if self._random else group)
 
 
-def _pick_caption(record: dict, caption_index: int, rng: np.random.Generator | None) -> str:
-  """Caption k of the record (k mod its caption count); k < 0 draws one with `rng`."""
+def _pick_captions(record: dict, group: int, per_image: int, rng: np.random.Generator | None) -> list[str]:
+  """The captions of one example: group g's (see LookupExample), or for g < 0 drawn with `rng`
+  (without replacement when the image has enough)."""
   captions = record_captions(record)
-  if caption_index < 0:
-    caption_index = int(rng.integers(len(captions)))
-  return captions[caption_index % len(captions)]
+  n = len(captions)
+  if group >= 0:
+    return [captions[(group * per_image + j) % n] for j in range(per_image)]
+  if per_image == 1:
+    return [captions[int(rng.integers(n))]]
+  return [captions[int(i)] for i in rng.choice(n, size=per_image, replace=n < per_image)]
 
 
-class TrainExample(grain.transforms.RandomMap):
-  """(record, caption k) -> {'image': uint8 (S, S, 3), 'tokens': int32 (L,)} with augmentation.
-  caption k < 0 picks one caption at random (the 'one random caption per image' mode)."""
+class _ExampleMaker:
+  """What every training example type shares: caption choice and tokenisation. `tokens` is (L,) for one
+  caption per example (K = 1, the classic pair) and (K, L) for the K captions of a shared encoder pass."""
 
-  def __init__(self, vocab: vocab_lib.Vocabulary, image_size: int, max_caption_len: int,
-               augment: AugmentConfig):
-    self._vocab, self._size, self._max_len, self._augment = vocab, image_size, max_caption_len, augment
+  def __init__(self, vocab: vocab_lib.Vocabulary, cfg: 'PipelineConfig'):
+    self._vocab, self._cfg = vocab, cfg
+
+  def _captions(self, record, group, rng) -> list[str]:
+    return _pick_captions(record, group, self._cfg.seq_per_img, rng)
+
+  def _tokens(self, captions: list[str]) -> np.ndarray:
+    rows = [self._vocab.encode(c, self._cfg.max_caption_len) for c in captions]
+    return rows[0] if self._cfg.seq_per_img == 1 else np.stack(rows)
+
+
+class TrainExample(_ExampleMaker, grain.transforms.RandomMap):
+  """(image index, record, group) -> {'image': uint8, 'tokens'}. On the host (default): augmented with
+  PIL to (S, S, 3), S = image_size, 'left'/'right' swapped in the captions of a flipped image. With
+  `augment_on_device`: the image at the fixed store size, not augmented (the train step does it)."""
 
   def random_map(self, element, rng: np.random.Generator):
-    record, caption_index = element
-    caption = _pick_caption(record, caption_index, rng)
-    pixels, flipped = augment_image(record_image(record, self._size), rng, self._size, self._augment)
+    _, record, group = element
+    cfg = self._cfg
+    captions = self._captions(record, group, rng)
+    if cfg.augment_on_device:
+      return {'image': _fixed_size(record, cfg.stored_size), 'tokens': self._tokens(captions)}
+    pixels, flipped = augment_image(record_image(record, cfg.image_size), rng, cfg.image_size, cfg.augment)
     if flipped:
-      caption = swap_left_right(caption)
-    return {'image': pixels, 'tokens': self._vocab.encode(caption, self._max_len)}
+      captions = [swap_left_right(c) for c in captions]
+    return {'image': pixels, 'tokens': self._tokens(captions)}
 
 
-class FeatureTrainExample(TrainExample):
-  """(record with cached 'features', caption k) -> {'features', 'tokens'}: no image, so no augmentation."""
+class IndexTrainExample(_ExampleMaker, grain.transforms.RandomMap):
+  """Device-resident images: (image index, record, group) -> {'index', 'tokens'}; the step looks the
+  image up in the table on the devices (the source only needs captions)."""
 
   def random_map(self, element, rng: np.random.Generator):
-    record, caption_index = element
-    caption = _pick_caption(record, caption_index, rng)
-    return {'features': record['features'], 'tokens': self._vocab.encode(caption, self._max_len)}
+    image_index, record, group = element
+    return {'index': np.int32(image_index), 'tokens': self._tokens(self._captions(record, group, rng))}
+
+
+class FeatureTrainExample(_ExampleMaker, grain.transforms.RandomMap):
+  """(record with cached 'features', group) -> {'features', 'tokens'}: no image, so no augmentation."""
+
+  def random_map(self, element, rng: np.random.Generator):
+    _, record, group = element
+    return {'features': record['features'], 'tokens': self._tokens(self._captions(record, group, rng))}
+
+
+def _fixed_size(record: dict, size: int) -> np.ndarray:
+  """The record's image as uint8 (size, size, 3), as stored for device augmentation."""
+  pixels = record.get('pixels')
+  if pixels is not None and pixels.shape == (size, size, 3):
+    return pixels
+  return images.resize_image(record_image(record, size), size)
+
+
+def image_table(source, size: int) -> np.ndarray:
+  """Every image of `source` as one uint8 array (N, size, size, 3): device-resident training data."""
+  table = np.empty((len(source), size, size, 3), np.uint8)
+  for i in range(len(source)):
+    table[i] = _fixed_size(source[i], size)
+  return table
+
+
+class CaptionsOnly:
+  """A source's captions without its images (what device-resident training reads each step)."""
+
+  def __init__(self, source):
+    self._captions = [record_captions(source[i]) for i in range(len(source))]
+
+  def __len__(self):
+    return len(self._captions)
+
+  def __getitem__(self, index):
+    return {'captions': self._captions[index]}
 
 
 class EvalExample(grain.transforms.Map):
-  """(record, caption k) -> resized image, tokens of caption k; no augmentation."""
+  """(image index, record, caption k) -> resized image, tokens of caption k; no augmentation."""
 
   def __init__(self, vocab: vocab_lib.Vocabulary, image_size: int, max_caption_len: int):
     self._vocab, self._size, self._max_len = vocab, image_size, max_caption_len
 
   def map(self, element):
-    record, caption_index = element
-    tokens = self._vocab.encode(_pick_caption(record, caption_index, None), self._max_len)
+    _, record, caption_index = element
+    tokens = self._vocab.encode(_pick_captions(record, caption_index, 1, None)[0], self._max_len)
     return {'image': images.resize_image(record_image(record, self._size), self._size),
             'tokens': tokens}
 
 
 class FeatureEvalExample(EvalExample):
-  """(record with cached 'features', caption k) -> {'features', 'tokens'}."""
+  """(image index, record with cached 'features', caption k) -> {'features', 'tokens'}."""
 
   def map(self, element):
-    record, caption_index = element
-    tokens = self._vocab.encode(_pick_caption(record, caption_index, None), self._max_len)
+    _, record, caption_index = element
+    tokens = self._vocab.encode(_pick_captions(record, caption_index, 1, None)[0], self._max_len)
     return {'features': record['features'], 'tokens': tokens}
 
 
@@ -233,8 +288,13 @@ class ImageForCaptioning(grain.transforms.Map):
 class PipelineConfig:
   """What the training and loss pipelines need from `config.data` (and the run's seed).
 
-  `from_features`: the source holds cached pooled trunk features instead of images (the 'cached'
-  encoder mode); the examples then carry 'features' and no augmentation is possible."""
+  seq_per_img: captions per example. 1: an example is one (image, caption) pair, `captions_per_image`
+  examples per image and epoch. K > 1: an example is an image with K of its captions (the encoder runs
+  once for all K), ceil(captions_per_image / K) examples per image and epoch.
+  augment_on_device: the host ships images at `store_size` (0: image_size) unaugmented; the train step
+  augments them (capjax/device_augment.py). device_resident: the host ships image indices only.
+  from_features: the source holds cached pooled trunk features instead of images (the 'cached' encoder
+  mode); examples then carry 'features' and no augmentation is possible."""
   image_size: int
   max_caption_len: int
   captions_per_image: int
@@ -244,27 +304,42 @@ class PipelineConfig:
   num_workers: int = 0  # grain worker processes (an iterator state restores only with the same count)
   read_threads: int = 4
   prefetch_batches: int = 4
+  seq_per_img: int = 1
+  augment_on_device: bool = False
+  store_size: int = 0
+  device_resident: bool = False
   from_features: bool = False
 
+  @property
+  def stored_size(self) -> int:
+    return self.store_size or self.image_size
+
+  @property
+  def groups_per_image(self) -> int:
+    return 1 if self.random_caption else -(-self.captions_per_image // self.seq_per_img)
+
   @classmethod
-  def from_config(cls, config, *, from_features: bool = False) -> 'PipelineConfig':
+  def from_config(cls, config, *, from_features: bool = False,
+                  device_resident: bool = False) -> 'PipelineConfig':
     data = config.data
     return cls(image_size=data.image_size, max_caption_len=data.max_caption_len,
                captions_per_image=data.captions_per_image, random_caption=data.random_caption,
                augment=AugmentConfig.from_config(data.augment), seed=config.seed,
                num_workers=data.num_workers, read_threads=data.read_threads,
-               prefetch_batches=data.prefetch_batches, from_features=from_features)
+               prefetch_batches=data.prefetch_batches, seq_per_img=data.seq_per_img,
+               augment_on_device=data.augment.on_device and not from_features,
+               store_size=data.store_size, device_resident=device_resident, from_features=from_features)
 
 
 def make_train_iterator(source, vocab, cfg: PipelineConfig, *, host_batch_size: int,
                         process_index: int = 0, process_count: int = 1):
   """An endless, checkpointable iterator of host batches; see the module docstring for the chain."""
-  pairs = grain.MapDataset.range(
-      num_train_pairs(len(source), cfg.captions_per_image, cfg.random_caption))
-  ds = pairs[process_index::process_count].shuffle(seed=cfg.seed).repeat()
-  ds = ds.map(LookupPair(source, cfg.captions_per_image, cfg.random_caption))
-  example = FeatureTrainExample if cfg.from_features else TrainExample
-  ds = ds.random_map(example(vocab, cfg.image_size, cfg.max_caption_len, cfg.augment), seed=cfg.seed)
+  examples = grain.MapDataset.range(num_train_examples(len(source), cfg))
+  ds = examples[process_index::process_count].shuffle(seed=cfg.seed).repeat()
+  ds = ds.map(LookupExample(source, cfg.groups_per_image, cfg.random_caption))
+  example = (FeatureTrainExample if cfg.from_features else
+             IndexTrainExample if cfg.device_resident else TrainExample)
+  ds = ds.random_map(example(vocab, cfg), seed=cfg.seed)
   ds = ds.batch(host_batch_size, drop_remainder=True).to_iter_dataset(
       read_options(cfg.read_threads, cfg.prefetch_batches))
   if cfg.num_workers > 0:
@@ -272,8 +347,9 @@ def make_train_iterator(source, vocab, cfg: PipelineConfig, *, host_batch_size: 
   return iter(ds)
 
 
-def num_train_pairs(num_images: int, captions_per_image: int, random_caption: bool) -> int:
-  return num_images if random_caption else num_images * captions_per_image
+def num_train_examples(num_images: int, cfg: PipelineConfig) -> int:
+  """Training examples per epoch (an example: an image with `seq_per_img` of its captions)."""
+  return num_images * cfg.groups_per_image
 
 
 def pad_batch(examples: Sequence[dict], batch_size: int) -> dict[str, np.ndarray]:
@@ -323,10 +399,10 @@ def eval_pair_batches(source, vocab, cfg: PipelineConfig, *, host_batch_size: in
   to_example = (FeatureEvalExample if cfg.from_features else EvalExample)(
       vocab, cfg.image_size, cfg.max_caption_len)
   ds = grain.MapDataset.range(total)[process_index::process_count]
-  ds = ds.map(LookupPair(source, cfg.captions_per_image)).map(to_example)
+  ds = ds.map(LookupExample(source, cfg.captions_per_image)).map(to_example)
   for chunk, real in _equal_count_chunks(ds, total=total, host_batch_size=host_batch_size,
                                          process_count=process_count,
-                                         filler=lambda: to_example.map((source[0], 0))):
+                                         filler=lambda: to_example.map((0, source[0], 0))):
     batch = pad_batch(chunk, host_batch_size)
     if not real:
       batch['weight'][:] = 0

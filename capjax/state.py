@@ -91,17 +91,19 @@ def teacher_forced_logits(model, *, from_features: bool = False) -> LogitsFn:
   mode) from cached pooled trunk features in `batch['features']`."""
   if from_features:
     def logits_fn(variables, batch, **kwargs):
-      return model.apply(variables, batch['features'], batch['tokens'][:, :-1],
+      return model.apply(variables, batch['features'], batch['tokens'][..., :-1],
                          method=model.decode_from_features, **kwargs)
   else:
     def logits_fn(variables, batch, **kwargs):
-      return model.apply(variables, batch['image'], batch['tokens'][:, :-1], **kwargs)
+      return model.apply(variables, batch['image'], batch['tokens'][..., :-1], **kwargs)
   return logits_fn
 
 
 def token_cross_entropy(logits, tokens, example_weight=None):
   """Sum of next-token cross-entropies over real (non-<PAD>) targets, and how many there were.
-  `logits[:, t]` predicts `tokens[:, t + 1]` (see models/captioner.py)."""
+  `logits[:, t]` predicts `tokens[:, t + 1]` (see models/captioner.py). tokens (N, K, L) (K captions
+  per image, logits (N * K, T, V)) count every caption's tokens."""
+  tokens = tokens.reshape(-1, tokens.shape[-1])
   targets = tokens[:, 1:]
   mask = (targets != vocab_lib.PAD_ID).astype(jnp.float32)
   if example_weight is not None:
@@ -110,13 +112,25 @@ def token_cross_entropy(logits, tokens, example_weight=None):
   return jnp.sum(losses * mask), jnp.sum(mask)
 
 
-def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, logits_fn: LogitsFn,
-               tx: optax.GradientTransformation,
-               skip_nonfinite: bool = False) -> tuple[TrainState, dict[str, jax.Array]]:
+BatchFn = Callable[[dict, jax.Array], dict]  # (batch, rng) -> batch, inside the jitted step
+
+
+def train_step(state: TrainState, batch: Mapping[str, jax.Array], image_table: jax.Array | None = None, *,
+               logits_fn: LogitsFn, tx: optax.GradientTransformation, skip_nonfinite: bool = False,
+               augment: BatchFn | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimiser step on a (globally sharded) batch; BatchNorm statistics are over the global batch.
-  With `skip_nonfinite`, a step whose loss or gradient norm is NaN/Inf leaves the state as it was
-  (only the step counter advances); the loop decides how many of those it tolerates."""
+
+  `image_table` (device-resident data): every training image, uint8 (N, S, S, 3) on every device;
+  the batch then carries `index` instead of `image`. `augment` applies the training augmentations on
+  the device (capjax/device_augment.py) with this step's own key. With `skip_nonfinite`, a step whose
+  loss or gradient norm is NaN/Inf leaves the state as it was (only the step counter advances); the
+  loop decides how many of those it tolerates."""
   step_rng = jax.random.fold_in(state.rng, state.step)
+  batch = dict(batch)
+  if image_table is not None:
+    batch['image'] = jnp.take(image_table, batch.pop('index'), axis=0)
+  if augment is not None:
+    batch = augment(batch, jax.random.fold_in(step_rng, 1))  # dropout keeps step_rng itself
 
   def loss_fn(params):
     logits, updates = logits_fn({'params': params, 'batch_stats': state.batch_stats}, batch,
@@ -161,12 +175,20 @@ def create_train_state(model, tx: optax.GradientTransformation, seed: int, image
   return jax.jit(init, out_shardings=mesh_lib.replicated(mesh))(jax.random.PRNGKey(seed))
 
 
-def compile_train_step(logits_fn: LogitsFn, tx, mesh, *, skip_nonfinite: bool = False) -> Callable:
-  """The train step, jitted once with explicit shardings; the old state's buffers are donated."""
+def compile_train_step(logits_fn: LogitsFn, tx, mesh, *, skip_nonfinite: bool = False,
+                       augment: BatchFn | None = None, image_table: jax.Array | None = None) -> Callable:
+  """The train step `(state, batch) -> (state, metrics)`, jitted once with explicit shardings; the old
+  state's buffers are donated. With `image_table` (already on the devices, replicated), the compiled
+  step takes it as an argument (a constant would be copied into the program)."""
   replicated, batch = mesh_lib.replicated(mesh), mesh_lib.batch_sharded(mesh)
-  return jax.jit(functools.partial(train_step, logits_fn=logits_fn, tx=tx, skip_nonfinite=skip_nonfinite),
-                 in_shardings=(replicated, batch), out_shardings=(replicated, replicated),
-                 donate_argnums=(0,))
+  step = functools.partial(train_step, logits_fn=logits_fn, tx=tx, skip_nonfinite=skip_nonfinite,
+                           augment=augment)
+  if image_table is None:
+    return jax.jit(step, in_shardings=(replicated, batch), out_shardings=(replicated, replicated),
+                   donate_argnums=(0,))
+  compiled = jax.jit(step, in_shardings=(replicated, batch, replicated),
+                     out_shardings=(replicated, replicated), donate_argnums=(0,))
+  return lambda state, host_batch: compiled(state, host_batch, image_table)
 
 
 def compile_eval_step(logits_fn: LogitsFn, mesh) -> Callable:

@@ -17,6 +17,7 @@ import ml_collections
 import optax
 
 from capjax import checkpointing
+from capjax import device_augment
 from capjax import errors
 from capjax import evaluation
 from capjax import features
@@ -132,7 +133,13 @@ def _train(run: '_Run', state, train_iter) -> TrainResult:
 def _new_run(config, workdir: str, splits, vocab) -> tuple[_Run, state_lib.TrainState]:
   mesh = mesh_lib.make_mesh()
   model = captioner.build_captioner(config.model, len(vocab))
-  steps_per_epoch = _steps_per_epoch(config, len(splits['train']))
+  # The one place that decides what the loss reads: images (from the host, or looked up in a table on
+  # the devices), or (cached mode) pooled trunk features; and where the images are augmented.
+  from_features = config.model.encoder_mode == 'cached'
+  pipeline = input_pipeline.PipelineConfig.from_config(
+      config, from_features=from_features,
+      device_resident=not from_features and _device_resident(config, len(splits['train'])))
+  steps_per_epoch = _steps_per_epoch(config, pipeline, len(splits['train']))
   total_steps = steps_per_epoch * config.train.num_epochs
   if config.train.max_steps:
     total_steps = min(total_steps, config.train.max_steps)
@@ -146,17 +153,22 @@ def _new_run(config, workdir: str, splits, vocab) -> tuple[_Run, state_lib.Train
                                        config.data.max_caption_len, mesh)
   if config.model.encoder_init:
     state = _with_pretrained_trunk(state, config.model.encoder_init, mesh)
-  # The one place that decides what the loss reads: images, or (cached mode) pooled trunk features.
-  from_features = config.model.encoder_mode == 'cached'
   logits_fn = state_lib.teacher_forced_logits(model, from_features=from_features)
-  skip_nonfinite = config.train.skip_nonfinite_steps > 0
+  loss_sources = _loss_sources(config, pipeline, workdir, model, state, splits, mesh)
+  step_options = dict(skip_nonfinite=config.train.skip_nonfinite_steps > 0)
+  if pipeline.augment_on_device:
+    step_options['augment'] = device_augment.make_batch_augmenter(pipeline.augment, pipeline.image_size,
+                                                                  vocab)
+  if pipeline.device_resident:
+    step_options['image_table'] = jax.device_put(
+        input_pipeline.image_table(loss_sources['train_images'], pipeline.stored_size),
+        mesh_lib.replicated(mesh))
   run = _Run(
       config=config, workdir=workdir, vocab=vocab, model=model, mesh=mesh, splits=splits,
-      loss_sources=_loss_sources(config, workdir, model, state, splits, mesh),
-      pipeline=input_pipeline.PipelineConfig.from_config(config, from_features=from_features),
+      loss_sources=loss_sources, pipeline=pipeline,
       steps_per_epoch=steps_per_epoch, total_steps=total_steps, schedule=schedule,
       train_fn_for_step=_compiled_train_steps(config, vocab, logits_fn, tx, mesh, frozen_steps,
-                                              skip_nonfinite),
+                                              step_options),
       eval_fn=state_lib.compile_eval_step(logits_fn, mesh),
       checkpointer=checkpointing.Checkpointer(
           workdir_lib.checkpoint_dir(workdir), keep=config.train.keep_checkpoints,
@@ -198,14 +210,33 @@ def _resume(run: _Run, state: state_lib.TrainState, train_iter,
   return state
 
 
-def _steps_per_epoch(config, num_train_images: int) -> int:
-  pairs = input_pipeline.num_train_pairs(num_train_images, config.data.captions_per_image,
-                                         config.data.random_caption)
-  steps = pairs // config.train.batch_size
+def _steps_per_epoch(config, pipeline: input_pipeline.PipelineConfig, num_train_images: int) -> int:
+  examples = input_pipeline.num_train_examples(num_train_images, pipeline)
+  steps = examples // config.train.batch_size
   if steps < 1:
     raise ValueError(f'config.train.batch_size={config.train.batch_size} is larger than the '
-                     f'{pairs} training pairs of one epoch')
+                     f'{examples} training examples of one epoch')
   return steps
+
+
+def _device_resident(config, num_images: int) -> bool:
+  """Whether the training images go to the devices once (config.data.device_resident), as one uint8
+  array at the store size: only when it fits in `device_resident_max_gb` (and in a third of a device's
+  memory where the device reports it); otherwise the host feeds them, with a line saying why."""
+  if not config.data.device_resident:
+    return False
+  size = config.data.store_size or config.data.image_size
+  needed = num_images * size * size * 3
+  limit = config.data.device_resident_max_gb * 2**30
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if 'bytes_limit' in stats:
+    limit = min(limit, stats['bytes_limit'] / 3)
+  if needed > limit:
+    reporting.say(f'Device-resident data off: the training images need {needed / 2**30:.2f} GiB at '
+                  f'{size} px, over the limit of {limit / 2**30:.2f} GiB; the host feeds them instead.')
+    return False
+  reporting.say(f'Device-resident data: {num_images} training images, {needed / 2**20:.0f} MiB at {size} px.')
+  return True
 
 
 def _with_pretrained_trunk(state: state_lib.TrainState, path: str, mesh) -> state_lib.TrainState:
@@ -216,14 +247,20 @@ def _with_pretrained_trunk(state: state_lib.TrainState, path: str, mesh) -> stat
                        batch_stats=mesh_lib.tree_replicate(variables['batch_stats'], mesh))
 
 
-def _loss_sources(config, workdir, model, state, splits, mesh) -> dict:
-  """Image sources, or in 'cached' mode cached pooled features with the same captions. The trunk is
-  fixed in that mode, so the state before a restore already has the checkpoint's trunk."""
-  if config.model.encoder_mode != 'cached':
+def _loss_sources(config, pipeline, workdir, model, state, splits, mesh) -> dict:
+  """What the loss pipelines read: image sources (decoded once when cached); with device-resident
+  data, the training captions alone (+ 'train_images' for building the table); in 'cached' mode,
+  cached pooled features with the same captions. The trunk is fixed in that mode, so the state before
+  a restore already has the checkpoint's trunk."""
+  if not pipeline.from_features:
+    sources = dict(splits)
     if config.data.cache_images_min_side:
-      return {split: input_pipeline.DecodedImageCache(source, config.data.cache_images_min_side)
-              for split, source in splits.items()}
-    return splits
+      sources = {split: input_pipeline.DecodedImageCache(source, config.data.cache_images_min_side)
+                 for split, source in splits.items()}
+    if pipeline.device_resident:
+      sources['train_images'] = sources['train']
+      sources['train'] = input_pipeline.CaptionsOnly(splits['train'])
+    return sources
   if not config.model.encoder_init:
     reporting.say('encoder_mode=cached without encoder_init: the cached features come from a '
                   'randomly initialised trunk.')
@@ -236,15 +273,15 @@ def _loss_sources(config, workdir, model, state, splits, mesh) -> dict:
   return sources
 
 
-def _compiled_train_steps(config, vocab, logits_fn, tx, mesh, frozen_steps: int, skip_nonfinite: bool):
+def _compiled_train_steps(config, vocab, logits_fn, tx, mesh, frozen_steps: int, step_options: dict):
   """step -> compiled train step: during the frozen warm-up, a variant whose trunk is frozen (no
   gradient, BatchNorm in inference mode); the same parameters either way."""
-  train_fn = state_lib.compile_train_step(logits_fn, tx, mesh, skip_nonfinite=skip_nonfinite)
+  train_fn = state_lib.compile_train_step(logits_fn, tx, mesh, **step_options)
   if not frozen_steps:
     return lambda step: train_fn
   warmup_model = captioner.build_captioner(config.model, len(vocab), trunk_mode='frozen')
   warmup_fn = state_lib.compile_train_step(state_lib.teacher_forced_logits(warmup_model), tx, mesh,
-                                           skip_nonfinite=skip_nonfinite)
+                                           **step_options)
   return lambda step: warmup_fn if step < frozen_steps else train_fn
 
 

@@ -119,6 +119,8 @@ OPERATIONAL_FIELDS = frozenset({
     'train.checkpoint_every_steps', 'train.keep_checkpoints', 'train.keep_best_checkpoints',
     'train.best_metric', 'train.best_mode', 'train.metrics_every_epochs', 'train.metrics_num_images',
     'train.eval_batch_size', 'train.skip_nonfinite_steps',
+    # Where the (same) training images come from: the host or a table on the devices.
+    'data.device_resident', 'data.device_resident_max_gb',
 })
 # Fields a resumed run can never change, even when allowed: what the step structure, the data a step
 # reads and the parameter shapes are made of. A new workdir is the way to change these.

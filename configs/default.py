@@ -20,13 +20,24 @@ def get_config() -> ml_collections.ConfigDict:
   data.image_size = 224
   data.max_caption_len = 24  # tokens including <START> and <END>; longer captions are truncated
   data.min_word_count = 5
-  data.captions_per_image = 5  # (image, caption) training pairs per image per epoch
-  data.random_caption = False  # True: one random caption per image per epoch instead
+  data.captions_per_image = 5  # captions per image that an epoch covers
+  # Captions per training example: the encoder (and augmentation) runs once per image and the decoder on
+  # all K captions ("seq_per_img"); train.batch_size counts images. 1: one (image, caption) pair per
+  # example, captions_per_image examples per image and epoch.
+  data.seq_per_img = 5
+  data.random_caption = False  # True: one example per image per epoch, its captions drawn at random
   # >0: keep decoded images (shorter side this many pixels) in memory after the first epoch.
   data.cache_images_min_side = 0
   data.read_threads = 4  # grain threads decoding batches in each process
   data.prefetch_batches = 4  # batches decoded ahead of the step (grain's default of 500 is GBs)
   data.num_workers = 0  # grain worker processes (fixed for a run: iterator state depends on it)
+  # The size images are stored at for device augmentation / device-resident data (0: image_size); a
+  # little larger than image_size leaves room for the random crop without upsampling.
+  data.store_size = 0
+  # The whole training split as one uint8 array on the devices (indexed in the step; the host sends only
+  # indices and tokens), when it fits in device_resident_max_gb (and a third of a device's memory).
+  data.device_resident = False
+  data.device_resident_max_gb = 4.0
   # The demo dataset's size (only for name='shapes').
   data.shapes_num_train = 1500
   data.shapes_num_validation = 200
@@ -41,6 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
   augment.brightness = 0.2
   augment.contrast = 0.2
   augment.rotation_degrees = 5.0
+  augment.on_device = False  # True: the jitted step augments (capjax/device_augment.py), not PIL
 
   config.model = model = ml_collections.ConfigDict()
   model.stage_sizes = (3, 4, 6, 3)  # ResNet50

@@ -15,6 +15,7 @@ def get_config():
   config.data.max_caption_len = 20
   config.data.captions_per_image = 5
   config.data.random_caption = True  # one caption per image per epoch: more epochs in the same time
+  config.data.seq_per_img = 1
   config.data.shapes_num_train = 1000
   config.data.shapes_num_validation = 100
   config.data.shapes_num_test = 200

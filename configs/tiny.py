@@ -13,6 +13,7 @@ def get_config():
   config.data.shapes_num_test = 16
   config.data.shapes_image_size = 48
   config.data.random_caption = False
+  config.data.seq_per_img = 1  # tests count (image, caption) pairs; the shared pass has its own tests
   config.model.stage_sizes = (1, 1, 1, 1)
   config.model.width = 8
   config.model.embed_dim = 32

@@ -79,7 +79,7 @@ def test_image_files_are_stored_unchanged(tmp_path):
 def test_summary_json_is_written_next_to_the_data(tmp_path):
   fixture = ff.make_flickr8k_original(tmp_path / 'manual')
   summary = prepare.prepare_dataset('flickr8k', tmp_path / 'data', manual_dir=fixture.root)
-  path = tmp_path / 'data/capjax_captions/flickr8k/1.0.0' / builder_lib.SUMMARY_FILE
+  path = tmp_path / 'data/capjax_captions/flickr8k/1.1.0' / builder_lib.SUMMARY_FILE
   assert summary['data_path'] == str(path.parent)
   on_disk = json.loads(path.read_text())
   assert on_disk['images'] == summary['images']
@@ -92,7 +92,7 @@ def test_summary_json_is_written_next_to_the_data(tmp_path):
 def test_prepare_is_idempotent(tmp_path, capsys):
   fixture = ff.make_flickr8k_original(tmp_path / 'manual')
   first = prepare.prepare_dataset('flickr8k', tmp_path / 'data', manual_dir=fixture.root)
-  data_files = sorted((tmp_path / 'data/capjax_captions/flickr8k/1.0.0').iterdir())
+  data_files = sorted((tmp_path / 'data/capjax_captions/flickr8k/1.1.0').iterdir())
   mtimes = [p.stat().st_mtime_ns for p in data_files]
   second = prepare.prepare_dataset('flickr8k', tmp_path / 'data', manual_dir=fixture.root)
   assert first['rebuilt'] and not second['rebuilt']

@@ -82,8 +82,9 @@ def test_flip_swaps_left_and_right():
             'captions': ['a dog on the left']}
   vocab = vocab_lib.build_vocabulary(['a dog on the left right'], min_count=1)
   always_flip = input_pipeline.AugmentConfig(flip_prob=1.0)
-  example = input_pipeline.TrainExample(vocab, 32, 10, always_flip).random_map(
-      (record, 0), np.random.default_rng(0))
+  pipeline = input_pipeline.PipelineConfig(image_size=32, max_caption_len=10, captions_per_image=1,
+                                           augment=always_flip)
+  example = input_pipeline.TrainExample(vocab, pipeline).random_map((0, record, 0), np.random.default_rng(0))
   assert vocab.decode(example['tokens']) == 'a dog on the right'
 
 

@@ -10,7 +10,9 @@ TensorFlow. A record read back is a dict with:
 * ``'image'``: ``bytes``, the image file as it was (JPEG, PNG, ...; decode with `capjax.images.load_image`,
   which converts every mode to RGB by one rule);
 * ``'image_id'``: ``bytes`` (UTF-8), e.g. ``b'1000268201_693b08cb0e.jpg'``;
-* ``'captions'``: ``list`` of ``bytes`` (UTF-8), in file order.
+* ``'captions'``: ``list`` of ``bytes`` (UTF-8), in file order;
+* ``'objects'``: ``bytes``, JSON of the demo's ground truth objects (see `capjax.data.shapes`), empty for
+  real datasets.
 
 (Measured with tensorflow-datasets 4.9.10; text is not decoded to ``str``.)
 
@@ -108,8 +110,12 @@ def shapes_config(num_train: int | None = None, num_validation: int | None = Non
 class CapjaxCaptions(tfds.core.GeneratorBasedBuilder):
   """Images with several captions each, stored as their original encoded files."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'First release.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {
+      '1.0.0': 'First release.',
+      '1.1.0': "Image files stored as they are (converted to RGB when read); 'objects': the demo's "
+               'ground truth (JSON; empty for real datasets).',
+  }
   MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL_DOWNLOAD_INSTRUCTIONS
   BUILDER_CONFIGS = [
       CapjaxCaptionsConfig(name='flickr8k', dataset='flickr8k',
@@ -138,6 +144,8 @@ class CapjaxCaptions(tfds.core.GeneratorBasedBuilder):
             'image': tfds.features.Tensor(shape=(), dtype=np.object_),
             'image_id': tfds.features.Text(),
             'captions': tfds.features.Sequence(tfds.features.Text()),
+            # JSON list of the demo's objects (shape, colour, size, position, box); '' for real data.
+            'objects': tfds.features.Text(),
         }),
     )
 
@@ -170,6 +178,7 @@ class CapjaxCaptions(tfds.core.GeneratorBasedBuilder):
           'image': example['image'],
           'image_id': example['image_id'],
           'captions': list(example['captions']),
+          'objects': example['objects'],
       }
 
   def _manual_splits(self, manual_dir, dataset: str) -> dict[str, Iterator]:
@@ -197,6 +206,7 @@ class CapjaxCaptions(tfds.core.GeneratorBasedBuilder):
           'image': image,
           'image_id': record.image_id,
           'captions': list(record.captions),
+          'objects': '',
       }
     if not written:
       raise ValueError(_empty_split_message(split, self._manual_dir, self._report))

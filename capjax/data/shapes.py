@@ -9,6 +9,7 @@ caption words swapped stays true.
 
 from collections.abc import Iterator
 import io
+import json
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -28,16 +29,26 @@ SIZES = {'small': 0.13, 'big': 0.22}
 SPLIT_SEEDS = {'train': 0, 'validation': 1, 'test': 2}
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, centre, radius: float, fill) -> None:
+def _shape_box(shape: str, centre, radius: float) -> list[float]:
+  """[x0, y0, x1, y1] of what `_draw_shape` fills."""
   cx, cy = centre
   if shape == 'circle':
-    draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=fill)
-  elif shape == 'square':
+    return [cx - radius, cy - radius, cx + radius, cy + radius]
+  if shape == 'square':
     r = radius * 0.9
-    draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    return [cx - r, cy - r, cx + r, cy + r]
+  return [cx - radius, cy - radius, cx + radius, cy + radius * 0.8]
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, centre, radius: float, fill) -> None:
+  cx, cy = centre
+  x0, y0, x1, y1 = _shape_box(shape, centre, radius)
+  if shape == 'circle':
+    draw.ellipse([x0, y0, x1, y1], fill=fill)
+  elif shape == 'square':
+    draw.rectangle([x0, y0, x1, y1], fill=fill)
   else:
-    draw.polygon([(cx, cy - radius), (cx - radius, cy + radius * 0.8), (cx + radius, cy + radius * 0.8)],
-                 fill=fill)
+    draw.polygon([(cx, y0), (x0, y1), (x1, y1)], fill=fill)
 
 
 def _single_object_captions(obj: dict, background: str) -> list[str]:
@@ -74,8 +85,9 @@ def _random_object(rng: np.random.Generator, position: str) -> dict:
   }
 
 
-def render_example(rng: np.random.Generator, image_size: int) -> tuple[Image.Image, list[str]]:
-  """One random scene: the picture and its five captions."""
+def render_example(rng: np.random.Generator, image_size: int) -> tuple[Image.Image, list[str], list[dict]]:
+  """One random scene: the picture, its five captions, and its objects (the ground truth: shape,
+  colour, size, position, and the drawn shape's box as fractions of the image, [x0, y0, x1, y1])."""
   background = str(rng.choice(list(BACKGROUNDS)))
   noise = rng.normal(0.0, 10.0, (image_size, image_size, 3))
   pixels = np.clip(np.asarray(BACKGROUNDS[background], np.float32) + noise, 0, 255).astype(np.uint8)
@@ -91,17 +103,21 @@ def render_example(rng: np.random.Generator, image_size: int) -> tuple[Image.Ima
     (fx, fy), _ = POSITIONS[obj['position']]
     jitter = rng.uniform(-0.05, 0.05, 2)
     centre = ((fx + jitter[0]) * image_size, (fy + jitter[1]) * image_size)
-    _draw_shape(draw, obj['shape'], centre, SIZES[obj['size']] * image_size, COLOURS[obj['colour']])
-  return image, captions
+    radius = SIZES[obj['size']] * image_size
+    _draw_shape(draw, obj['shape'], centre, radius, COLOURS[obj['colour']])
+    obj['box'] = [round(v / image_size, 4) for v in _shape_box(obj['shape'], centre, radius)]
+  return image, captions, objects
 
 
 def generate_records(split: str, num_images: int, image_size: int = 96, seed: int = 0) -> Iterator[dict]:
-  """Yields `{'image': JPEG bytes, 'image_id': str, 'captions': list[str]}`, deterministic per split."""
+  """Yields `{'image': JPEG bytes, 'image_id': str, 'captions': list[str], 'objects': JSON str}`,
+  deterministic per split; 'objects' is the ground truth of `render_example` (for the content score)."""
   if split not in SPLIT_SEEDS:
     raise ValueError(f'split: expected one of {sorted(SPLIT_SEEDS)}, got {split!r}')
   rng = np.random.default_rng([seed, SPLIT_SEEDS[split]])
   for index in range(num_images):
-    image, captions = render_example(rng, image_size)
+    image, captions, objects = render_example(rng, image_size)
     buffer = io.BytesIO()
     image.save(buffer, format='JPEG', quality=92)
-    yield {'image': buffer.getvalue(), 'image_id': f'shapes_{split}_{index:05d}.jpg', 'captions': captions}
+    yield {'image': buffer.getvalue(), 'image_id': f'shapes_{split}_{index:05d}.jpg', 'captions': captions,
+           'objects': json.dumps(objects)}

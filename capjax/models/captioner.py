@@ -177,7 +177,10 @@ class Captioner(nn.Module):
                                   self.lstm_unroll, self.dtype, name='decoder')
 
   def __call__(self, images, input_tokens, *, train: bool):
-    return self.decoder(self.encoder(images, train=train), input_tokens)
+    """Teacher forcing. input_tokens (N, T) -> logits (N, T, vocab); or (N, K, T), K captions per
+    image -> logits (N * K, T, vocab): the encoder runs once per image (BatchNorm statistics over the
+    N images) and its vector is shared by the image's K captions."""
+    return self.decoder(*per_caption(self.encoder(images, train=train), input_tokens))
 
   def encode(self, images, *, train: bool = False):
     return self.encoder(images, train=train)
@@ -186,14 +189,24 @@ class Captioner(nn.Module):
     return self.encoder.pooled_trunk_features(images)
 
   def decode_from_features(self, pooled, input_tokens, *, train: bool):
-    """Teacher forcing from cached pooled trunk features (the 'cached' encoder mode)."""
-    return self.decoder(self.encoder.project(pooled, train=train), input_tokens)
+    """Teacher forcing from cached pooled trunk features (the 'cached' encoder mode); tokens as in
+    `__call__`."""
+    return self.decoder(*per_caption(self.encoder.project(pooled, train=train), input_tokens))
 
   def start(self, image_vec):
     return self.decoder.start(image_vec)
 
   def step(self, carry, tokens):
     return self.decoder.step(carry, tokens)
+
+
+def per_caption(encoded, input_tokens):
+  """(encoded images (N, ...), tokens (N, T)) unchanged; with tokens (N, K, T), each image's encoding
+  repeated for its K captions and the tokens flattened to (N * K, T), rows image-major."""
+  if input_tokens.ndim == 2:
+    return encoded, input_tokens
+  per_image = input_tokens.shape[1]
+  return jnp.repeat(encoded, per_image, axis=0), input_tokens.reshape(-1, input_tokens.shape[-1])
 
 
 ENCODER_MODES = ('train', 'frozen', 'cached')

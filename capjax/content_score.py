@@ -1,0 +1,132 @@
+"""The demo's content score: does a caption name the objects that are really in the picture?
+
+BLEU and CIDEr reward captions that sound like the references; on the demo data they stay high when the
+caption names the wrong shape ("a red triangle" for a red square). The shapes dataset stores each
+image's ground truth (every object's colour, shape, size, position and box, see `capjax/data/shapes.py`),
+so a caption can be checked directly:
+
+- A caption is read as a list of mentions: each shape word, with the colour word nearest before it (within
+  three words, not past another shape) or, for "the circle ... is red", the first colour after it; and
+  the first position word after it before the next shape ("a red circle on the left ...").
+- objects right: the mentioned (colour, shape) pairs are exactly the true ones, as multisets (nothing
+  missing, nothing extra, nothing wrong). colours right / shapes right: the same for colours and for
+  shapes alone.
+- positions right: at least one position is claimed and every claimed position is the true position of
+  the object with that colour and shape; positions wrong: some claimed position is false (or names an
+  object that is not there). Captions that claim no position are neither.
+- pointing (attention models): for each generated colour or shape word, whether the peak of the word's
+  attention map falls inside the box of the object the word belongs to.
+"""
+
+from collections import Counter
+from collections.abc import Sequence
+import dataclasses
+import json
+
+import numpy as np
+
+from capjax import input_pipeline
+from capjax import vocab as vocab_lib
+from capjax.data import shapes
+
+COLOURS = tuple(shapes.COLOURS)
+SHAPE_WORDS = shapes.SHAPES
+POSITION_WORDS = tuple(shapes.POSITIONS)
+_COLOUR_WINDOW = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Mention:
+  shape: str
+  colour: str | None
+  position: str | None
+  shape_index: int  # word positions in the caption (for pointing)
+  colour_index: int | None
+
+
+def record_objects(record: dict) -> list[dict] | None:
+  """A record's ground-truth objects, or None when its dataset has none (real data, older builds)."""
+  value = record.get('objects')
+  text = input_pipeline.as_text(value) if value is not None else ''
+  return json.loads(text) if text else None
+
+
+def parse_caption(caption: str) -> list[Mention]:
+  """The objects a caption names, in order (see the module docstring for the reading rules)."""
+  words = vocab_lib.tokenize(caption)
+  shape_at = [i for i, w in enumerate(words) if w in SHAPE_WORDS]
+  mentions = []
+  for k, i in enumerate(shape_at):
+    previous_shape = shape_at[k - 1] if k else -1
+    next_shape = shape_at[k + 1] if k + 1 < len(shape_at) else len(words)
+    colour_index = next((j for j in range(i - 1, max(i - 1 - _COLOUR_WINDOW, previous_shape), -1)
+                         if words[j] in COLOURS), None)
+    if colour_index is None:
+      colour_index = next((j for j in range(i + 1, next_shape) if words[j] in COLOURS), None)
+    position = next((words[j] for j in range(i + 1, next_shape) if words[j] in POSITION_WORDS), None)
+    mentions.append(Mention(words[i], words[colour_index] if colour_index is not None else None, position,
+                            i, colour_index))
+  return mentions
+
+
+def score_caption(caption: str, objects: Sequence[dict]) -> dict[str, bool]:
+  """Per-image verdicts: objects/colours/shapes right, positions right/wrong (module docstring)."""
+  mentions = parse_caption(caption)
+  truth_pairs = Counter((o['colour'], o['shape']) for o in objects)
+  claimed = [m for m in mentions if m.position is not None]
+  true_positions = {}  # (colour, shape) -> positions: the same object may be drawn twice
+  for o in objects:
+    true_positions.setdefault((o['colour'], o['shape']), set()).add(o['position'])
+  position_ok = [m.position in true_positions.get((m.colour, m.shape), ()) for m in claimed]
+  return {
+      'objects_right': Counter((m.colour, m.shape) for m in mentions) == truth_pairs,
+      'colours_right': Counter(m.colour for m in mentions) == Counter(o['colour'] for o in objects),
+      'shapes_right': Counter(m.shape for m in mentions) == Counter(o['shape'] for o in objects),
+      'positions_right': bool(claimed) and all(position_ok),
+      'positions_wrong': not all(position_ok),
+  }
+
+
+def content_score(captions: Sequence[str], objects_per_image: Sequence[Sequence[dict]]) -> dict:
+  """Rates over images of each verdict, overall and by the number of objects in the image."""
+  if len(captions) != len(objects_per_image):
+    raise ValueError(f'{len(captions)} captions for {len(objects_per_image)} images')
+  verdicts = [score_caption(c, o) for c, o in zip(captions, objects_per_image)]
+  result = {'images': len(verdicts), **_rates(verdicts)}
+  by_count = {}
+  for count in sorted({len(o) for o in objects_per_image}):
+    chosen = [v for v, o in zip(verdicts, objects_per_image) if len(o) == count]
+    by_count[f'{count} object{"s" if count > 1 else ""}'] = {'images': len(chosen), **_rates(chosen)}
+  result['by_object_count'] = by_count
+  return result
+
+
+def _rates(verdicts: list[dict]) -> dict[str, float]:
+  if not verdicts:
+    return {}
+  return {key: float(np.mean([v[key] for v in verdicts])) for key in verdicts[0]}
+
+
+def pointing(words: Sequence[str], alphas: np.ndarray, grid: tuple[int, int],
+             objects: Sequence[dict]) -> tuple[int, int]:
+  """(hits, checked) for one generated caption: for each colour/shape word of a mention whose object is
+  in the image, is the peak of that word's attention map (alphas[t] over the grid, row-major, t = the
+  word's position) inside the object's box (fractions of the image, [x0, y0, x1, y1])?"""
+  mentions = parse_caption(' '.join(words))
+  boxes = {}  # (colour, shape) -> boxes: the same object may be drawn twice
+  for o in objects:
+    boxes.setdefault((o['colour'], o['shape']), []).append(o['box'])
+  hits = checked = 0
+  rows, cols = grid
+  for mention in mentions:
+    candidates = boxes.get((mention.colour, mention.shape))
+    if not candidates:
+      continue
+    for index in (mention.shape_index, mention.colour_index):
+      if index is None or index >= len(alphas):
+        continue
+      peak = int(np.argmax(alphas[index]))
+      y, x = (peak // cols + 0.5) / rows, (peak % cols + 0.5) / cols  # the peak cell's centre
+      hits += any(b[0] <= x <= b[2] and b[1] <= y <= b[3] for b in candidates)
+      checked += 1
+  return hits, checked

@@ -1,0 +1,78 @@
+"""The demo's content score: every reference caption names its image's objects; wrong ones are caught."""
+
+import json
+
+import numpy as np
+import pytest
+
+from capjax import content_score
+from capjax.data import shapes
+
+
+def _records(n=60):
+  return list(shapes.generate_records('validation', n, 64))
+
+
+def test_every_reference_caption_names_the_right_objects():
+  records = _records()
+  objects = [content_score.record_objects(r) for r in records]
+  assert {len(o) for o in objects} == {1, 2}
+  for record, truth in zip(records, objects):
+    for caption in record['captions']:
+      verdict = content_score.score_caption(caption, truth)
+      assert verdict['objects_right'] and verdict['colours_right'] and verdict['shapes_right'], caption
+      assert not verdict['positions_wrong'], caption
+
+
+def test_wrong_objects_colours_shapes_and_positions_are_caught():
+  truth = [{'colour': 'red', 'shape': 'square', 'position': 'left', 'size': 'big', 'box': [0, 0, .5, .5]},
+           {'colour': 'blue', 'shape': 'circle', 'position': 'right', 'size': 'small', 'box': [.5, .5, 1, 1]}]
+  cases = {
+      'a red square on the left and a blue circle on the right': (True, True, True, True, False),
+      'a red circle on the left and a blue square on the right': (False, True, True, False, True),
+      'a blue square on the left and a red circle on the right': (False, True, True, False, True),
+      'a red square on the right and a blue circle on the left': (True, True, True, False, True),
+      'a red square next to a blue circle': (True, True, True, False, False),
+      'a red square on the left': (False, False, False, True, False),
+      'a red square on the left and a blue circle and a green triangle': (False, False, False, True, False),
+  }
+  keys = ('objects_right', 'colours_right', 'shapes_right', 'positions_right', 'positions_wrong')
+  for caption, expected in cases.items():
+    verdict = content_score.score_caption(caption, truth)
+    assert tuple(verdict[k] for k in keys) == expected, caption
+
+
+def test_colour_after_the_shape_and_rates_by_object_count():
+  truth = [[{'colour': 'green', 'shape': 'triangle', 'position': 'top', 'size': 'big', 'box': [0, 0, 1, 1]}]]
+  result = content_score.content_score(['the triangle at the top is green and big'], truth)
+  assert result['objects_right'] == 1.0 and result['positions_right'] == 1.0
+  records = _records(40)
+  captions = [r['captions'][0] for r in records]
+  captions[0] = captions[0].replace('circle', 'square').replace('triangle', 'square')
+  result = content_score.content_score(captions, [content_score.record_objects(r) for r in records])
+  assert result['images'] == 40 and set(result['by_object_count']) == {'1 object', '2 objects'}
+  assert sum(v['images'] for v in result['by_object_count'].values()) == 40
+  with pytest.raises(ValueError, match='3 captions for 2 images'):
+    content_score.content_score(['a', 'b', 'c'], [[], []])
+
+
+def test_objects_are_stored_with_boxes_around_the_drawn_shape():
+  record = next(shapes.generate_records('train', 1, 64))
+  objects = json.loads(record['objects'])
+  assert objects and all(0 <= v <= 1 for o in objects for v in o['box'])
+  for o in objects:
+    x0, y0, x1, y1 = o['box']
+    assert x1 > x0 and y1 > y0
+    expected_x = {'left': 0.27, 'right': 0.73}.get(o['position'], 0.5)
+    assert abs((x0 + x1) / 2 - expected_x) < 0.06
+
+
+def test_pointing_counts_peaks_inside_the_named_objects_box():
+  objects = [{'colour': 'red', 'shape': 'square', 'position': 'left', 'size': 'big', 'box': [0, 0, .5, 1]}]
+  words = ['a', 'red', 'square', 'on', 'the', 'left']
+  alphas = np.zeros((len(words), 4))  # a 2x2 grid: cells (0,0) (0,1) (1,0) (1,1)
+  alphas[:, 0] = 1  # peak in the top-left cell: inside the box
+  assert content_score.pointing(words, alphas, (2, 2), objects) == (2, 2)
+  alphas[2] = [0, 1, 0, 0]  # 'square' looks at the top-right cell: outside
+  assert content_score.pointing(words, alphas, (2, 2), objects) == (1, 2)
+  assert content_score.pointing(['a', 'blue', 'circle'], alphas[:3], (2, 2), objects) == (0, 0)
