@@ -12,8 +12,10 @@ so a caption can be checked directly:
   missing, nothing extra, nothing wrong). colours right / shapes right: the same for colours and for
   shapes alone.
 - positions right: at least one position is claimed and every claimed position is the true position of
-  the object with that colour and shape; positions wrong: some claimed position is false (or names an
-  object that is not there). Captions that claim no position are neither.
+  the object the mention refers to; positions wrong: some claimed position is false. A mention refers
+  to the object with its colour and shape, else to the only object of its colour, else to the only
+  object of its shape (so a wrong shape word does not count as a wrong position too); a claim about no
+  identifiable object is not checked. Captions that claim no checkable position are neither.
 - pointing (attention models): for each generated colour or shape word, whether the peak of the word's
   attention map falls inside the box of the object the word belongs to.
 """
@@ -73,18 +75,26 @@ def score_caption(caption: str, objects: Sequence[dict]) -> dict[str, bool]:
   """Per-image verdicts: objects/colours/shapes right, positions right/wrong (module docstring)."""
   mentions = parse_caption(caption)
   truth_pairs = Counter((o['colour'], o['shape']) for o in objects)
-  claimed = [m for m in mentions if m.position is not None]
-  true_positions = {}  # (colour, shape) -> positions: the same object may be drawn twice
-  for o in objects:
-    true_positions.setdefault((o['colour'], o['shape']), set()).add(o['position'])
-  position_ok = [m.position in true_positions.get((m.colour, m.shape), ()) for m in claimed]
+  checked = [(m, _referents(m, objects)) for m in mentions if m.position is not None]
+  position_ok = [m.position in {o['position'] for o in referents} for m, referents in checked if referents]
   return {
       'objects_right': Counter((m.colour, m.shape) for m in mentions) == truth_pairs,
       'colours_right': Counter(m.colour for m in mentions) == Counter(o['colour'] for o in objects),
       'shapes_right': Counter(m.shape for m in mentions) == Counter(o['shape'] for o in objects),
-      'positions_right': bool(claimed) and all(position_ok),
+      'positions_right': bool(position_ok) and all(position_ok),
       'positions_wrong': not all(position_ok),
   }
+
+
+def _referents(mention: Mention, objects: Sequence[dict]) -> list[dict]:
+  """The objects a mention means (the same object may be drawn twice); [] when it cannot be told."""
+  for matches in ([o for o in objects if (o['colour'], o['shape']) == (mention.colour, mention.shape)],
+                  [o for o in objects if o['colour'] == mention.colour],
+                  [o for o in objects if o['shape'] == mention.shape]):
+    if matches and (len(matches) == 1 or all(matches[0]['colour'] == o['colour'] and
+                                             matches[0]['shape'] == o['shape'] for o in matches)):
+      return matches
+  return []
 
 
 def content_score(captions: Sequence[str], objects_per_image: Sequence[Sequence[dict]]) -> dict:

@@ -29,7 +29,8 @@ def test_wrong_objects_colours_shapes_and_positions_are_caught():
            {'colour': 'blue', 'shape': 'circle', 'position': 'right', 'size': 'small', 'box': [.5, .5, 1, 1]}]
   cases = {
       'a red square on the left and a blue circle on the right': (True, True, True, True, False),
-      'a red circle on the left and a blue square on the right': (False, True, True, False, True),
+      # Wrong shapes, right places: the mentions refer to the red and the blue object.
+      'a red circle on the left and a blue square on the right': (False, True, True, True, False),
       'a blue square on the left and a red circle on the right': (False, True, True, False, True),
       'a red square on the right and a blue circle on the left': (True, True, True, False, True),
       'a red square next to a blue circle': (True, True, True, False, False),
