@@ -1,10 +1,12 @@
-"""The 'cached' encoder mode: pooled trunk features extracted once per split, stored in the workdir.
+"""The 'cached' encoder mode: trunk features extracted once per split, stored in the workdir.
 
 With a frozen (ImageNet) trunk, the ResNet forward pass is the same every epoch, so it is computed
-once: `<workdir>/features/<split>.npy` (float32, one row per image, source order) plus a JSON that says
-what produced it. The decoder then trains on these vectors with no image augmentation (an augmented
-image would need a new forward pass, which is what this mode avoids). A stale file (other dataset size,
-image size or trunk weights) is re-extracted, and `config.model.reextract_features` forces it.
+once: `<workdir>/features/<split>.npy` (one row per image, source order; the model's
+`cached_features`: pooled float32 vectors for the seed decoder, the float16 annotation grid for the
+attention decoder) plus a JSON that says what produced it. The decoder then trains on these with no
+image augmentation (an augmented image would need a new forward pass, which is what this mode avoids).
+A stale file (other dataset size, image size or trunk weights) is re-extracted, and
+`config.model.reextract_features` forces it.
 """
 
 import hashlib
@@ -27,10 +29,9 @@ def _trunk_fingerprint(trunk_params) -> str:
   return digest.hexdigest()[:16]
 
 
-def extract_pooled_features(model, variables, source, mesh, *, image_size: int,
-                            batch_size: int) -> np.ndarray:
-  """(N, C) float32 pooled trunk features for every image of `source`, in source order."""
-  extract = jax.jit(lambda v, images: model.apply(v, images, method=model.pooled_trunk_features),
+def extract_features(model, variables, source, mesh, *, image_size: int, batch_size: int) -> np.ndarray:
+  """The model's `cached_features` for every image of `source`, in source order."""
+  extract = jax.jit(lambda v, images: model.apply(v, images, method=model.cached_features),
                     in_shardings=(mesh_lib.replicated(mesh), mesh_lib.batch_sharded(mesh)),
                     out_shardings=mesh_lib.replicated(mesh))
   batches = input_pipeline.caption_batches(
@@ -38,7 +39,7 @@ def extract_pooled_features(model, variables, source, mesh, *, image_size: int,
       host_batch_size=mesh_lib.per_host_batch_size(batch_size, mesh, 'eval_batch_size'),
       process_index=jax.process_index(), process_count=jax.process_count())
   rows = mesh_lib.apply_to_host_batches(extract, variables, batches, mesh)
-  return np.stack([rows[i] for i in range(len(source))]).astype(np.float32)
+  return np.stack([rows[i] for i in range(len(source))])
 
 
 def load_or_extract(workdir: str, split: str, model, variables, source, mesh, *, image_size: int,
@@ -47,13 +48,15 @@ def load_or_extract(workdir: str, split: str, model, variables, source, mesh, *,
   path = os.path.join(folder, f'{split}.npy')
   meta = {'num_images': len(source), 'image_size': image_size,
           'trunk': _trunk_fingerprint(variables['params']['encoder']['trunk'])}
+  if model.has_attention:  # a grid, not pooled vectors (seed caches keep their old description)
+    meta['annotation_grid'] = model.attention_grid
   if not reextract and os.path.exists(path) and os.path.exists(path + '.json'):
     if fileio.read_json(path + '.json') == meta:
       return np.load(path)
     reporting.say(f'{path} was made from other data or trunk weights: extracting again.')
-  reporting.say(f'Extracting pooled trunk features for {len(source)} {split} images ...')
-  features = extract_pooled_features(model, variables, source, mesh, image_size=image_size,
-                                     batch_size=batch_size)
+  reporting.say(f'Extracting trunk features for {len(source)} {split} images ...')
+  features = extract_features(model, variables, source, mesh, image_size=image_size,
+                              batch_size=batch_size)
   if jax.process_index() == 0:
     os.makedirs(folder, exist_ok=True)
     fileio.write_npy(path, features)

@@ -202,7 +202,7 @@ def resnet_variables_from_torch(state_dict: Mapping[str, np.ndarray],
 
 
 def lstm_params_from_torch(weight_ih, weight_hh, bias_ih, bias_hh) -> dict:
-  """One torch.nn.LSTM layer (`weight_ih_l0`, ... ) -> params for `captioner.LSTM`.
+  """One torch.nn.LSTM layer (`weight_ih_l0`, ... ) -> params for `models.lstm.LSTM`.
 
   Both use gate order i, f, g, o, so the weights only transpose. Our recurrent Dense has no bias:
   torch's two biases are always summed into the gates, so their sum goes on the input projection.

@@ -44,16 +44,18 @@ class Progress:
     self._steady_rate = rate
     self._last_step, self._last_time = step, now
     # Skipped (non-finite) steps are not among `fetched_metrics`; all of an interval may be.
-    loss = float(np.mean([float(m['loss']) for m in fetched_metrics])) if fetched_metrics else math.nan
-    grad_norm = (float(np.mean([float(m['grad_norm']) for m in fetched_metrics])) if fetched_metrics
-                 else math.nan)
+    means = {k: float(np.mean([float(m[k]) for m in fetched_metrics])) if fetched_metrics else math.nan
+             for k in (fetched_metrics[0] if fetched_metrics else {'loss': 0, 'grad_norm': 0})
+             if k != 'tokens'}
+    # What else a step reports (an attention penalty, SCST's reward and baseline ...) joins the line.
+    extras = ''.join(f'  {k} {v:.4f}' for k, v in means.items() if k not in ('loss', 'grad_norm'))
     eta = (self.total_steps - step) / max(rate, 1e-9)
     note = ' (incl. compile)' if first_interval else ''
-    say(f'step {step}/{self.total_steps}  loss {loss:.4f}  |  {rate:.2f} steps/s  '
+    say(f"step {step}/{self.total_steps}  loss {means['loss']:.4f}{extras}  |  {rate:.2f} steps/s  "
         f'{rate * self.batch:.1f} img/s{note}  |  ETA {_format_seconds(eta)}')
     if writer is not None:
-      writer.add_scalar('train/loss', loss, step)
-      writer.add_scalar('train/grad_norm', grad_norm, step)
+      for key, value in means.items():
+        writer.add_scalar(f'train/{key}', value, step)
       writer.add_scalar('train/learning_rate', float(learning_rate), step)
       writer.add_scalar('train/steps_per_second', rate, step)
       writer.add_scalar('train/images_per_second', rate * self.batch, step)

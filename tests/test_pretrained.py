@@ -21,6 +21,7 @@ safetensors_torch = pytest.importorskip('safetensors.torch')
 
 from capjax import pretrained  # noqa: E402  pylint: disable=g-import-not-at-top
 from capjax.models import captioner  # noqa: E402  pylint: disable=g-import-not-at-top
+from capjax.models import lstm  # noqa: E402  pylint: disable=g-import-not-at-top
 from capjax.models import resnet  # noqa: E402  pylint: disable=g-import-not-at-top
 
 IMAGE_SIZE = 224
@@ -161,11 +162,11 @@ def test_lstm_import_matches_torch():
 
   params = pretrained.lstm_params_from_torch(
       torch_lstm.weight_ih_l0, torch_lstm.weight_hh_l0, torch_lstm.bias_ih_l0, torch_lstm.bias_hh_l0)
-  lstm = captioner.LSTM(hidden_size=256)
-  expected = jax.eval_shape(lstm.init, jax.random.PRNGKey(0), lstm.zero_carry(2), inputs.numpy())
+  ours_lstm = lstm.LSTM(hidden_size=256)
+  expected = jax.eval_shape(ours_lstm.init, jax.random.PRNGKey(0), ours_lstm.zero_carry(2), inputs.numpy())
   assert jax.tree.map(np.shape, params) == jax.tree.map(np.shape, expected['params'])
   with jax.default_matmul_precision('highest'):
-    (c, h), outputs = lstm.apply({'params': params}, lstm.zero_carry(2), inputs.numpy())
+    (c, h), outputs = ours_lstm.apply({'params': params}, ours_lstm.zero_carry(2), inputs.numpy())
 
   for what, ours, reference in [('outputs', outputs, torch_outputs), ('h', h, torch_h[0]),
                                 ('c', c, torch_c[0])]:

@@ -15,9 +15,12 @@ from capjax.models import captioner
 from configs import tiny
 
 
-def _tiny_config():
+def _tiny_config(decoder='seed'):
   config = tiny.get_config()
   config.train.metrics_every_epochs = 0
+  config.model.decoder = decoder
+  if decoder == 'attention':  # three stages: a 2x2 grid at 32 px, so there is something to attend over
+    config.model.stage_sizes = (1, 1, 1)
   return config
 
 
@@ -43,9 +46,10 @@ def _batch(batch_size=16, image_size=32, length=12, vocab_size=30, seed=0):
           'tokens': tokens}
 
 
-def test_eight_device_step_equals_one_device_step():
+@pytest.mark.parametrize('decoder', ['seed', 'attention'])
+def test_eight_device_step_equals_one_device_step(decoder):
   assert jax.device_count() == 8
-  config = _tiny_config()
+  config = _tiny_config(decoder)
   results = []
   for devices in (jax.devices()[:1], jax.devices()):
     mesh, model, tx, state = _setup(config, devices)
@@ -91,8 +95,9 @@ def _records(num_train=48):
           for s, n in [('train', num_train), ('validation', 16), ('test', 16)]}
 
 
-def test_resume_after_kill_gives_identical_losses(tmp_path, monkeypatch):
-  config = _tiny_config()
+@pytest.mark.parametrize('decoder', ['seed', 'attention'])
+def test_resume_after_kill_gives_identical_losses(tmp_path, monkeypatch, decoder):
+  config = _tiny_config(decoder)
   config.train.checkpoint_every_steps = 3
   splits = _records(num_train=24)  # 120 pairs: 7 steps per epoch, 14 in all
   unbroken = train.train_and_evaluate(config, str(tmp_path / 'a'), splits)

@@ -1,6 +1,16 @@
-"""The seed captioner: ResNet image encoder -> 256-d vector -> LSTM language decoder.
+"""The captioners: a ResNet image encoder and an LSTM language decoder, in two designs.
 
-Sequence layout (Show and Tell, Vinyals et al. 2015). A caption is stored as token ids
+`Captioner` is the seed (Show and Tell): the image is one pooled 256-d vector. `AttentionCaptioner`
+(Show, Attend and Tell) keeps the trunk's spatial grid and attends over it at every word
+(capjax/models/attention.py). `build_captioner` picks one from `config.model.decoder`.
+
+Both expose the same methods, so training, decoding and evaluation never ask which one they run:
+`__call__` (teacher forcing from images), `encode` (images -> what decoding starts from),
+`cached_features`/`decode_from_features` (the 'cached' encoder mode), and the `capjax.decoding` step
+contract as `prepare` (per-image tensors computed once, shared by every step and beam), `start` and
+`step(carry, tokens, context)`.
+
+The seed's sequence layout (Show and Tell, Vinyals et al. 2015). A caption is stored as token ids
 `[<START>, w_1, ..., w_n, <END>, <PAD>, ...]`. The LSTM (zero initial state) reads
 
     position:  0          1              2              ...  n+1
@@ -13,20 +23,20 @@ Inference feeds the image, then `<START>`, then each predicted word.
 """
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from capjax import vocab as vocab_lib
+from capjax.models import attention
+from capjax.models import lstm as lstm_lib
 from capjax.models import resnet
 
 # ImageNet statistics (RGB, 0-255 scale), the normalisation torchvision/Keras ResNet50 weights expect.
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
-
-LSTMCarry = tuple[jax.Array, jax.Array]  # (c, h)
-
 
 def normalize_images(images: jax.Array, dtype) -> jax.Array:
   """uint8 RGB (N, H, W, 3) -> ImageNet-normalised floats. Done on device so hosts ship uint8."""
@@ -59,6 +69,17 @@ class ImageEncoder(nn.Module):
       pooled = jax.lax.stop_gradient(pooled)
     return self.project(pooled, train=train)
 
+  def annotations(self, images, grid: int, *, train: bool):
+    """The trunk's last feature map as G annotation vectors (N, G, C): resized to grid x grid cells when
+    `grid` > 0 and the map is not already that size (bilinear; antialiased when it shrinks)."""
+    features = self.trunk(normalize_images(images, self.dtype), train=train and self.trunk_mode == 'train')
+    if self.trunk_mode == 'frozen':
+      features = jax.lax.stop_gradient(features)
+    n, height, width, channels = features.shape
+    if grid and (height, width) != (grid, grid):
+      features = jax.image.resize(features, (n, grid, grid, channels), 'linear').astype(self.dtype)
+    return features.reshape(n, -1, channels)
+
   def pooled_trunk_features(self, images):
     """Inference-mode pooled trunk features (N, C), what the 'cached' encoder mode stores."""
     features = self.trunk(normalize_images(images, self.dtype), train=False)
@@ -68,60 +89,6 @@ class ImageEncoder(nn.Module):
     """Pooled trunk features (N, C) -> image vector (N, embed_dim)."""
     return self.projection_bn(self.projection(pooled.astype(self.dtype)),
                               use_running_average=not train)
-
-
-class _RecurrentStep(nn.Module):
-  """One LSTM step given the precomputed input projection; gate order i, f, g, o (as torch.nn.LSTM)."""
-
-  hidden_size: int
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, carry: LSTMCarry, input_gates):
-    c, h = carry
-    gates = input_gates + nn.Dense(4 * self.hidden_size, use_bias=False, dtype=self.dtype,
-                                   name='recurrent')(h)
-    i, f, g, o = jnp.split(gates.astype(jnp.float32), 4, axis=-1)
-    # The cell state stays float32 under bf16 compute: it integrates over the whole caption.
-    c = nn.sigmoid(f) * c + nn.sigmoid(i) * jnp.tanh(g)
-    h = (nn.sigmoid(o) * jnp.tanh(c)).astype(self.dtype)
-    return (c, h), h
-
-
-def _forget_gate_bias_init(value: float):
-  """Gate biases (i, f, g, o): zeros, with `value` on the forget gate. A forget bias of 1 makes the
-  cell keep what it read (here: the image, seen only at t=0) until it learns to let go; with 0 the
-  cell halves its memory every step (Jozefowicz et al., 2015)."""
-  def init(key, shape, dtype=jnp.float32):
-    del key
-    hidden = shape[0] // 4
-    return jnp.zeros(shape, dtype).at[hidden:2 * hidden].set(value)
-  return init
-
-
-class LSTM(nn.Module):
-  """LSTM over a whole sequence: the input projection of every step is one matmul outside the scan,
-  so only the (hidden x 4 hidden) recurrent matmul is sequential."""
-
-  hidden_size: int = 256
-  unroll: int = 1
-  dtype: Any = jnp.float32
-  forget_bias: float = 1.0
-
-  def setup(self):
-    self.input_projection = nn.Dense(4 * self.hidden_size, dtype=self.dtype, name='input',
-                                     bias_init=_forget_gate_bias_init(self.forget_bias))
-    self.recurrence = nn.scan(
-        _RecurrentStep, variable_broadcast='params', split_rngs={'params': False},
-        in_axes=1, out_axes=1, unroll=self.unroll)(self.hidden_size, self.dtype, name='cell')
-
-  def zero_carry(self, batch_size: int) -> LSTMCarry:
-    return (jnp.zeros((batch_size, self.hidden_size), jnp.float32),
-            jnp.zeros((batch_size, self.hidden_size), self.dtype))
-
-  def __call__(self, carry: LSTMCarry, inputs):
-    """inputs (N, T, D) -> (final carry, hidden states (N, T, hidden))."""
-    return self.recurrence(carry, self.input_projection(inputs))
 
 
 class CaptionDecoder(nn.Module):
@@ -135,7 +102,7 @@ class CaptionDecoder(nn.Module):
 
   def setup(self):
     self.embed = nn.Embed(self.vocab_size, self.embed_dim, dtype=self.dtype, name='embed')
-    self.lstm = LSTM(self.hidden_size, self.lstm_unroll, self.dtype, name='lstm')
+    self.lstm = lstm_lib.LSTM(self.hidden_size, self.lstm_unroll, self.dtype, name='lstm')
     self.readout = nn.Dense(self.vocab_size, dtype=self.dtype, name='readout')
 
   def __call__(self, image_vec, input_tokens):
@@ -146,20 +113,22 @@ class CaptionDecoder(nn.Module):
     # One matmul for every position's vocabulary projection, after the recurrence.
     return self.readout(hidden[:, 1:]).astype(jnp.float32)
 
-  def start(self, image_vec) -> LSTMCarry:
+  def start(self, image_vec) -> lstm_lib.LSTMCarry:
     """The carry after the LSTM has read the image vector (its output is not used)."""
     carry, _ = self.lstm(self.lstm.zero_carry(image_vec.shape[0]),
                          image_vec[:, None, :].astype(self.dtype))
     return carry
 
-  def step(self, carry: LSTMCarry, tokens):
+  def step(self, carry: lstm_lib.LSTMCarry, tokens):
     """Feed one token per row: (carry, tokens (N,)) -> (carry, logits (N, vocab) float32)."""
     carry, hidden = self.lstm(carry, self.embed(tokens)[:, None, :])
     return carry, self.readout(hidden[:, 0]).astype(jnp.float32)
 
 
 class Captioner(nn.Module):
-  """Encoder + decoder. `__call__` is the teacher-forced training graph."""
+  """The seed: encoder -> one image vector -> LSTM. `__call__` is the teacher-forced training graph."""
+
+  has_attention: ClassVar[bool] = False
 
   vocab_size: int
   stage_sizes: Sequence[int] = (3, 4, 6, 3)
@@ -185,7 +154,8 @@ class Captioner(nn.Module):
   def encode(self, images, *, train: bool = False):
     return self.encoder(images, train=train)
 
-  def pooled_trunk_features(self, images):
+  def cached_features(self, images):
+    """What the 'cached' encoder mode stores per image: pooled trunk features (N, C) float32."""
     return self.encoder.pooled_trunk_features(images)
 
   def decode_from_features(self, pooled, input_tokens, *, train: bool):
@@ -193,11 +163,99 @@ class Captioner(nn.Module):
     `__call__`."""
     return self.decoder(*per_caption(self.encoder.project(pooled, train=train), input_tokens))
 
+  def prepare(self, image_vec):
+    """Per-image tensors for `step`: none (the image vector is already in the carry after `start`)."""
+    del image_vec
+    return ()
+
   def start(self, image_vec):
     return self.decoder.start(image_vec)
 
-  def step(self, carry, tokens):
+  def step(self, carry, tokens, context=()):
+    del context
     return self.decoder.step(carry, tokens)
+
+
+def real_steps(input_tokens):
+  """1.0 where the decoder's step predicts a real token: the input is neither `<PAD>` nor `<END>`."""
+  return ((input_tokens != vocab_lib.PAD_ID) & (input_tokens != vocab_lib.END_ID)).astype(jnp.float32)
+
+
+class AttentionCaptioner(nn.Module):
+  """Show, Attend and Tell: the trunk's spatial grid (N, G, C) as annotation vectors, and the soft-
+  attention LSTM decoder of capjax/models/attention.py. Same methods as `Captioner`.
+
+  Training adds the doubly stochastic attention penalty, `regularizer * sum over captions of
+  sum_i (1 - sum_t alpha_ti)^2`, divided by the number of real tokens (the paper's summed objective on
+  the per-token scale of the cross-entropy). It is reported through flax's `sow` into the 'losses'
+  collection, which the train step makes mutable and adds to the loss.
+  """
+
+  has_attention: ClassVar[bool] = True
+
+  vocab_size: int
+  stage_sizes: Sequence[int] = (3, 4, 6, 3)
+  width: int = 64
+  embed_dim: int = 256
+  hidden_size: int = 256
+  attention_dim: int = 256
+  attention_grid: int = 0  # 0: the trunk's own grid (7x7 at 224 px)
+  dropout_rate: float = 0.5
+  regularizer: float = 1.0
+  lstm_unroll: int = 1
+  trunk_mode: str = 'train'
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    self.encoder = ImageEncoder(self.stage_sizes, self.width, self.embed_dim, self.trunk_mode,
+                                self.dtype, name='encoder')
+    self.decoder = attention.AttentionDecoder(
+        self.vocab_size, self.embed_dim, self.hidden_size, self.attention_dim, self.dropout_rate,
+        lstm_unroll=self.lstm_unroll, dtype=self.dtype, name='decoder')
+
+  def __call__(self, images, input_tokens, *, train: bool):
+    """Teacher forcing; tokens (N, T) or (N, K, T) as for `Captioner`: the grid is computed (and
+    projected) once per image and attended by its K captions."""
+    return self._teacher_forced(self.encode(images, train=train), input_tokens, train=train)
+
+  def encode(self, images, *, train: bool = False):
+    """Images -> annotations (N, G, C)."""
+    return self.encoder.annotations(images, self.attention_grid, train=train)
+
+  def cached_features(self, images):
+    """What the 'cached' encoder mode stores per image: the annotation grid (N, G, C) in float16 (half
+    the bytes of float32; ResNet features keep about 3 significant digits)."""
+    return self.encode(images).astype(jnp.float16)
+
+  def decode_from_features(self, annotations, input_tokens, *, train: bool):
+    return self._teacher_forced(annotations, input_tokens, train=train)
+
+  def _teacher_forced(self, annotations, input_tokens, *, train: bool):
+    tokens = input_tokens.reshape(-1, input_tokens.shape[-1])
+    logits, alphas = self.decoder(annotations, tokens, train=train)
+    if train and self.regularizer:
+      mask = real_steps(tokens)
+      penalty = jnp.sum(attention.attention_regularizer(alphas, mask))
+      self.sow('losses', 'attention', self.regularizer * penalty / jnp.maximum(jnp.sum(mask), 1.0))
+    return logits
+
+  def prepare(self, annotations):
+    return self.decoder.prepare(annotations)
+
+  def start(self, annotations):
+    return self.decoder.start(annotations)
+
+  def step(self, carry, tokens, context):
+    return self.decoder.step(carry, tokens, context)
+
+  def attention_weights(self, annotations, generated):
+    """The attention each generated word was produced with: generated tokens (N, L) as decoding returns
+    them (no `<START>`) -> alphas (N, L, G) float32. Teacher forcing on the model's own output
+    recomputes exactly the decoding steps, for greedy, beam and sampled captions alike."""
+    start = jnp.full((generated.shape[0], 1), vocab_lib.START_ID, generated.dtype)
+    _, alphas = self.decoder(annotations, jnp.concatenate([start, generated[:, :-1]], axis=1),
+                             train=False)
+    return alphas
 
 
 def per_caption(encoded, input_tokens):
@@ -210,9 +268,11 @@ def per_caption(encoded, input_tokens):
 
 
 ENCODER_MODES = ('train', 'frozen', 'cached')
+DECODERS = ('seed', 'attention')
 
 
-def build_captioner(model_config, vocab_size: int, trunk_mode: str | None = None) -> Captioner:
+def build_captioner(model_config, vocab_size: int,
+                    trunk_mode: str | None = None) -> Captioner | AttentionCaptioner:
   """Model from the `config.model` section; the only place that reads the config for the model.
   `trunk_mode` overrides what `encoder_mode` implies (the frozen warm-up phase of fine-tuning)."""
   dtypes = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -221,8 +281,26 @@ def build_captioner(model_config, vocab_size: int, trunk_mode: str | None = None
   if model_config.encoder_mode not in ENCODER_MODES:
     raise ValueError(f'config.model.encoder_mode: expected one of {ENCODER_MODES}, '
                      f'got {model_config.encoder_mode!r}')
+  decoder = model_config.get('decoder', 'seed')  # workdirs from before the attention decoder: seed
+  if decoder not in DECODERS:
+    raise ValueError(f'config.model.decoder: expected one of {DECODERS}, got {decoder!r}')
   if trunk_mode is None:
     trunk_mode = 'train' if model_config.encoder_mode == 'train' else 'frozen'
+  if decoder == 'attention':
+    return AttentionCaptioner(
+        vocab_size=vocab_size,
+        stage_sizes=tuple(model_config.stage_sizes),
+        width=model_config.width,
+        embed_dim=model_config.embed_dim,
+        hidden_size=model_config.hidden_size,
+        attention_dim=model_config.attention_dim,
+        attention_grid=model_config.attention_grid,
+        dropout_rate=model_config.attention_dropout,
+        regularizer=model_config.attention_regularizer,
+        lstm_unroll=model_config.lstm_unroll,
+        trunk_mode=trunk_mode,
+        dtype=dtypes[model_config.dtype],
+    )
   return Captioner(
       vocab_size=vocab_size,
       stage_sizes=tuple(model_config.stage_sizes),
@@ -235,14 +313,14 @@ def build_captioner(model_config, vocab_size: int, trunk_mode: str | None = None
   )
 
 
-def init_variables(model: Captioner, rng, image_size: int, max_caption_len: int) -> dict:
+def init_variables(model, rng, image_size: int, max_caption_len: int) -> dict:
   """Fresh {'params', 'batch_stats'} for square `image_size` images and captions of `max_caption_len`."""
   images = jnp.zeros((1, image_size, image_size, 3), jnp.uint8)
   tokens = jnp.zeros((1, max_caption_len - 1), jnp.int32)
   return model.init({'params': rng}, images, tokens, train=False)
 
 
-def abstract_variables(model: Captioner, image_size: int, max_caption_len: int) -> dict:
+def abstract_variables(model, image_size: int, max_caption_len: int) -> dict:
   """Shapes and dtypes of `init_variables` without computing anything (a restore target)."""
   return jax.eval_shape(
       lambda rng: init_variables(model, rng, image_size, max_caption_len), jax.random.PRNGKey(0))
