@@ -102,20 +102,25 @@ def toy_models(seed, batch_size=4):
 @functools.partial(
     jax.jit, static_argnums=(0, 1),
     static_argnames=('batch_size', 'beam_size', 'start_id', 'end_id', 'pad_id', 'max_len', 'length_penalty',
-                     'temperature', 'top_k'))
+                     'temperature', 'top_k', 'no_repeat_ngram'))
 def run(decoder, apply_fn, params, carry, *args, **kwargs):
   """Jitted ``decoder(step_fn, carry, *args, **kwargs)`` with step_fn closing over traced params."""
   return decoder(functools.partial(apply_fn, params), carry, *args, **kwargs)
 
 
-def greedy(toy, max_len=10):
+def greedy(toy, max_len=10, **kwargs):
   return run(decoding.greedy_decode, toy.apply_fn, toy.params, toy.carry, batch_size=batch_of(toy),
-             max_len=max_len, **IDS)
+             max_len=max_len, **kwargs, **IDS)
 
 
-def beam(toy, beam_size, max_len=10, alpha=0.0):
+def beam(toy, beam_size, max_len=10, alpha=0.0, **kwargs):
   return run(decoding.beam_search, toy.apply_fn, toy.params, toy.carry, batch_size=batch_of(toy),
-             beam_size=beam_size, max_len=max_len, length_penalty=alpha, **IDS)
+             beam_size=beam_size, max_len=max_len, length_penalty=alpha, **kwargs, **IDS)
+
+
+def sample(toy, rng, max_len=10, **kwargs):
+  return run(decoding.sample_decode, toy.apply_fn, toy.params, toy.carry, rng, batch_size=batch_of(toy),
+             max_len=max_len, **kwargs, **IDS)
 
 
 def log_prob(toy, tokens):
@@ -161,6 +166,11 @@ def generated_length(row):
 
 def gnmt_lp(length, alpha):
   return ((5 + length) / 6)**alpha
+
+
+def has_repeated_ngram(seq, n):
+  grams = [tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)]
+  return len(grams) != len(set(grams))
 
 
 # ----------------------------------------------------------------------------- greedy
@@ -323,3 +333,132 @@ def test_sequence_log_prob_matches_numpy():
   hyps = {seq: lp for seq, lp in all_hypotheses(table, 0, 4, range(END, vocab))}
   hyps_row1 = {seq: lp for seq, lp in all_hypotheses(table, 1, 4, range(END, vocab))}
   np.testing.assert_allclose(got, [hyps[(3, 4, END)], hyps_row1[(5, 5, 4, 3)]], rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- n-gram blocking
+# Every decoder call through `run` is jitted with no_repeat_ngram static. The toys here share the
+# shapes of `toy_models` (vocab 7, batch 4, max_len 10) so that compilations are reused: each new
+# (decoder, n) pair costs seconds of compile time, the toy's seed costs nothing.
+
+A, B, C = 3, 4, 5
+
+
+def looping_toy():
+  """Greedy loops "a b a b ..."; every token also has a runner-up, so blocking has somewhere to go."""
+  table = first_order_table({START: {A: 0.9, B: 0.1}, A: {B: 0.5, C: 0.3, END: 0.2},
+                             B: {A: 0.6, C: 0.3, END: 0.1}, C: {A: 0.5, B: 0.3, END: 0.2}, 6: {}})
+  return Toy('looping', table_apply, jnp.asarray(table), jnp.zeros((4,), jnp.int32))
+
+
+def repetitive_toy(seed):
+  """A random second-order table whose rows run long, so that unblocked outputs repeat n-grams."""
+  table = random_table(seed, 7, scale=3.0)
+  table[..., END] -= 2.0
+  return Toy('table', table_apply, jnp.asarray(table), table_contexts(4, 7))
+
+
+@pytest.mark.parametrize('n, expected', [
+    (0, [A, B] * 5),
+    # n=1: after a b, a is banned (c); after a b c, a and b are: END.
+    (1, [A, B, C, END] + [PAD] * 6),
+    # n=2: at step 3 "a b" is banned after a (c); at step 5 "a b" and "a c" are: END.
+    (2, [A, B, A, C, A, END] + [PAD] * 4),
+    # n=3: at step 4 "a b a" is banned after "a b" (c); at step 7 "a b a" and "a b c" are: END.
+    (3, [A, B, A, B, C, A, B, END] + [PAD] * 2),
+])
+def test_blocking_on_hand_built_loop(n, expected):
+  toy = looping_toy()
+  np.testing.assert_array_equal(greedy(toy, no_repeat_ngram=n), [expected] * 4)
+  np.testing.assert_array_equal(beam(toy, 1, no_repeat_ngram=n).tokens[:, 0], [expected] * 4)
+
+
+@pytest.mark.parametrize('n', [1, 2, 3])
+def test_beam_size_one_equals_greedy_with_blocking(n):
+  for seed in range(4):
+    toy = repetitive_toy(seed)
+    beam_tokens = beam(toy, 1, no_repeat_ngram=n).tokens[:, 0]
+    np.testing.assert_array_equal(beam_tokens, greedy(toy, no_repeat_ngram=n), err_msg=f'seed {seed}')
+
+
+def test_top_k_sampling_bans_before_choosing_the_k():
+  # Banning after picking the k best would leave top_k=1 only banned tokens (then END).
+  for toy in (looping_toy(), repetitive_toy(0)):
+    np.testing.assert_array_equal(sample(toy, jax.random.key(0), top_k=1, no_repeat_ngram=2),
+                                  greedy(toy, no_repeat_ngram=2), err_msg=toy.name)
+
+
+def test_no_output_repeats_an_ngram():
+  repeats_unblocked = {n: 0 for n in (1, 2, 3)}
+  for seed in range(6):
+    toy = repetitive_toy(seed)
+    unblocked = np.asarray(greedy(toy, no_repeat_ngram=0))
+    for n in (1, 2, 3):
+      repeats_unblocked[n] += sum(has_repeated_ngram(row[:generated_length(row)], n) for row in unblocked)
+      outputs = {'greedy': greedy(toy, no_repeat_ngram=n),
+                 # Plain sampling for n=2 only, top_k otherwise: each one is a compilation.
+                 'sample': sample(toy, jax.random.key(seed), top_k=0 if n == 2 else 3, no_repeat_ngram=n)}
+      result = beam(toy, 3, no_repeat_ngram=n)
+      # Slots with score -inf hold no valid hypothesis (documented); the best one is always valid.
+      assert np.isfinite(result.scores[:, 0]).all()
+      for k in range(3):
+        valid = np.isfinite(result.scores[:, k])
+        outputs[f'beam {k}'] = np.asarray(result.tokens[:, k])[valid]
+        # Scores stay the model's own log-probs, not renormalised over the allowed tokens.
+        np.testing.assert_allclose(result.log_probs[valid, k], log_prob(toy, result.tokens[:, k])[valid],
+                                   rtol=1e-5, atol=1e-5)
+      for name, out in outputs.items():
+        for row in np.asarray(out):
+          stop = generated_length(row)
+          assert not has_repeated_ngram(row[:stop], n), (seed, n, name, row)
+          assert not np.isin(row[:stop - 1], [PAD, START, END]).any(), (seed, n, name, row)
+          assert (row[stop:] == PAD).all(), (seed, n, name, row)
+  assert all(repeats_unblocked.values()), repeats_unblocked  # else this test checks nothing
+
+
+def test_wide_beam_with_blocking_equals_brute_force():
+  # Nothing is pruned, so the beam holds exactly the hypotheses without a repeated bigram, scored
+  # by the model's log-probs. A beam banning from another beam's history would differ.
+  vocab, max_len, batch_size, top = 6, 4, 2, 10
+  table = random_table(9, vocab)
+  contexts = table_contexts(batch_size, vocab)
+  beam = decoding.beam_search(table_step(table), contexts, batch_size=batch_size, beam_size=128,
+                              max_len=max_len, no_repeat_ngram=2, **IDS)
+  for row, context in enumerate(np.asarray(contexts)):
+    hyps = all_hypotheses(table, context, max_len, tokens=range(END, vocab))
+    ranked = sorted(((lp, seq) for seq, lp in hyps if not has_repeated_ngram(seq, 2)), reverse=True)[:top]
+    np.testing.assert_allclose(beam.scores[row, :top], [s for s, _ in ranked], rtol=1e-5)
+    for k, (_, seq) in enumerate(ranked):
+      np.testing.assert_array_equal(beam.tokens[row, k, :len(seq)], seq)
+
+
+def test_blocking_falls_back_to_end_when_every_token_is_banned():
+  # The model only ever allows A (END included at -inf); with n=1 A is banned at step 1.
+  table = np.full((7, 7, 7), -np.inf, np.float32)
+  table[..., A] = 0.0
+  toy = Toy('only a', table_apply, jnp.asarray(table), jnp.zeros((4,), jnp.int32))
+  expected = [[A, END] + [PAD] * 8] * 4
+  np.testing.assert_array_equal(greedy(toy, no_repeat_ngram=1), expected)
+  np.testing.assert_array_equal(sample(toy, jax.random.key(0), top_k=3, no_repeat_ngram=1), expected)
+  result = beam(toy, 3, no_repeat_ngram=1)
+  np.testing.assert_array_equal(result.tokens[:, 0], expected)
+  assert not np.isnan(result.scores).any() and np.isneginf(result.log_probs[:, 0]).all()
+
+
+def test_blocking_off_or_longer_than_possible_changes_nothing():
+  for seed in range(2):
+    toy = repetitive_toy(seed)
+    np.testing.assert_array_equal(greedy(toy, no_repeat_ngram=0), greedy(toy))
+    # 10 tokens cannot hold a 10-gram twice: nothing is ever banned.
+    unblocked = beam(toy, 3)
+    for got, want in zip(beam(toy, 3, no_repeat_ngram=10), unblocked):
+      np.testing.assert_array_equal(got, want)
+
+
+def test_negative_no_repeat_ngram_is_rejected():
+  step, carry = table_step(random_table(0, 5)), jnp.zeros((2,), jnp.int32)
+  kwargs = dict(batch_size=2, max_len=4, no_repeat_ngram=-1, **IDS)
+  for decode in (decoding.greedy_decode, functools.partial(decoding.beam_search, beam_size=2),
+                 functools.partial(decoding.sample_decode, rng=jax.random.key(0)),
+                 functools.partial(decoding.sample_decode, rng=jax.random.key(0), temperature=0.0)):
+    with pytest.raises(ValueError, match='no_repeat_ngram must be >= 0'):
+      decode(step, carry, **kwargs)
