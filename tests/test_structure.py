@@ -17,6 +17,7 @@ NEVER_IMPORTS = {
     'capjax.inference': {'capjax.state', 'capjax.train', 'capjax.evaluation', 'capjax.cli'},
     'capjax.evaluation': {'capjax.train', 'capjax.cli'},
     'capjax.train': {'capjax.cli'},
+    'capjax.serve': {'capjax.state', 'capjax.train', 'capjax.evaluation', 'capjax.cli'},
 }
 
 
