@@ -5,6 +5,8 @@
   python launch.py --mode=prepare --config=configs/flickr8k.py --config.data.manual_dir=/data/flickr8k
   python launch.py --mode=eval --workdir=W --split=test --beam_size=3 --checkpoint_step=best
   python launch.py --mode=caption --workdir=W --images='photos/*.jpg' --output=captions.jsonl
+  python launch.py --mode=compare --workdirs=W1,W2 --split=test --beam_size=3   # one report, two models
+  python launch.py --mode=serve --workdir=W --port=8000                          # web page + JSON API
 """
 
 import os
@@ -19,6 +21,7 @@ from ml_collections import config_flags
 from capjax import cli
 from capjax import errors
 from capjax import evaluation
+from capjax import serve
 from capjax.data import prepare
 
 # The default config is this checkout's demo, wherever the command is started from (a relative default
@@ -27,15 +30,31 @@ from capjax.data import prepare
 _DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'demo.py')
 config_flags.DEFINE_config_file('config', _DEMO_CONFIG, 'Training configuration file.', lock_config=True)
 flags.DEFINE_string('workdir', 'workdirs/demo', 'Checkpoints, vocabulary, logs and results.')
-flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'caption', 'prepare'], 'What to run.')
+flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'caption', 'prepare', 'compare', 'serve'],
+                  'What to run.')
 flags.DEFINE_string('split', 'test', 'eval: which split to caption and score.')
 flags.DEFINE_integer('beam_size', 3, 'eval/caption: beam width (1 = greedy).')
 flags.DEFINE_float('length_penalty', 0.0, 'eval/caption: GNMT length-penalty alpha (0 = none).')
+flags.DEFINE_integer('no_repeat_ngram', 0,
+                     'eval/caption/serve: never repeat an n-gram of this size in a caption (3 = trigram '
+                     'blocking; 0 = off).')
 flags.DEFINE_float('temperature', 0.0, 'caption: >0 samples captions at this temperature (diversity).')
 flags.DEFINE_integer('top_k', 0, 'caption: with --temperature, sample from the k likeliest words.')
 flags.DEFINE_string('checkpoint_step', 'best', "eval/caption: 'best', 'latest' or a step number.")
 flags.DEFINE_string('images', None, 'caption: an image file, a directory, or a glob.')
 flags.DEFINE_string('output', None, 'caption: also write the captions to this .jsonl file.')
+flags.DEFINE_string('attention_maps', None,
+                    'caption: write one PNG per image with its word-by-word attention maps to this folder '
+                    '(attention decoder only).')
+flags.DEFINE_list('workdirs', [], 'compare: the workdirs (two or more) whose checkpoints are compared.')
+flags.DEFINE_string('host', '127.0.0.1',
+                    'serve: address to bind. The service has no authentication: bind to other than '
+                    'localhost only on a network you trust.')
+flags.DEFINE_integer('port', 8000, 'serve: port.')
+flags.DEFINE_integer('max_batch_size', 16, 'serve: images captioned together in one jitted call.')
+flags.DEFINE_float('max_wait_ms', 10.0, 'serve: how long a request waits for others to join its batch.')
+flags.DEFINE_integer('max_upload_mb', 20, 'serve: largest request body accepted.')
+flags.DEFINE_integer('max_image_pixels', 40_000_000, 'serve: larger images are refused.')
 flags.DEFINE_list('allow_config_change', [],
                   'train: config fields that may differ from the checkpoints a run resumes from, e.g. '
                   'train.learning_rate,train.num_epochs (recorded in history.json).')
@@ -70,11 +89,23 @@ def _run_mode(FLAGS) -> None:  # pylint: disable=invalid-name
     prepare.prepare_from_config(FLAGS.config.data)
   elif FLAGS.mode == 'eval':
     evaluation.evaluate_workdir(FLAGS.workdir, split=FLAGS.split, checkpoint=FLAGS.checkpoint_step,
-                                beam_size=FLAGS.beam_size, length_penalty=FLAGS.length_penalty)
+                                beam_size=FLAGS.beam_size, length_penalty=FLAGS.length_penalty,
+                                no_repeat_ngram=FLAGS.no_repeat_ngram)
+  elif FLAGS.mode == 'compare':
+    evaluation.compare_workdirs(FLAGS.workdirs, split=FLAGS.split, checkpoint=FLAGS.checkpoint_step,
+                                beam_size=FLAGS.beam_size, length_penalty=FLAGS.length_penalty,
+                                no_repeat_ngram=FLAGS.no_repeat_ngram)
+  elif FLAGS.mode == 'serve':
+    serve.serve(FLAGS.workdir, host=FLAGS.host, port=FLAGS.port, checkpoint=FLAGS.checkpoint_step,
+                beam_size=FLAGS.beam_size, length_penalty=FLAGS.length_penalty,
+                no_repeat_ngram=FLAGS.no_repeat_ngram, max_batch_size=FLAGS.max_batch_size,
+                max_wait_ms=FLAGS.max_wait_ms, max_upload_mb=FLAGS.max_upload_mb,
+                max_image_pixels=FLAGS.max_image_pixels)
   else:
     cli.caption_images(FLAGS.workdir, FLAGS.images, output=FLAGS.output, beam_size=FLAGS.beam_size,
                        checkpoint=FLAGS.checkpoint_step, length_penalty=FLAGS.length_penalty,
-                       temperature=FLAGS.temperature, top_k=FLAGS.top_k)
+                       no_repeat_ngram=FLAGS.no_repeat_ngram, temperature=FLAGS.temperature,
+                       top_k=FLAGS.top_k, attention_maps=FLAGS.attention_maps)
 
 
 if __name__ == '__main__':

@@ -9,8 +9,9 @@ import os
 import sys
 
 import jax
+import numpy as np
 
-from capjax import content_score
+from capjax import attention_figures
 from capjax import errors
 from capjax import evaluation
 from capjax import fileio
@@ -43,7 +44,8 @@ def train(config, workdir: str, *, allow_config_change: Sequence[str] = ()) -> F
 
 def final_report(result: train_lib.TrainResult, config, workdir: str, splits) -> FinalReport:
   """After training: held-out loss, example captions next to references, BLEU-4 vs a trivial
-  baseline (what `python launch.py` prints at the end of the demo)."""
+  baseline (what `python launch.py` prints at the end of the demo), and the test split's evaluation
+  report (greedy; JSON + HTML, see `evaluation.analyse`) in the workdir."""
   eval_fn = state_lib.compile_eval_step(state_lib.teacher_forced_logits(result.model), result.mesh)
   test_loss = evaluation.split_loss(
       eval_fn, result.state, splits['test'], result.vocab,
@@ -51,32 +53,38 @@ def final_report(result: train_lib.TrainResult, config, workdir: str, splits) ->
       mesh=result.mesh)
   results = evaluation.caption_split(result.model, result.state, result.vocab, splits['test'],
                                      result.mesh, config)
-  scores = evaluation.score_captions(results, ('bleu', 'cider'))
-  baseline, baseline_caption = evaluation.most_common_caption_baseline(splits['train'], results)
+  train_captions = evaluation.training_captions(splits['train'])
+  step = int(jax.device_get(result.state.step))
+  decode = evaluation.DecodeSettings(beam_size=1, max_len=config.data.max_caption_len - 1)
+  facts = evaluation.provenance(
+      config, workdir=workdir, split='test', source=splits['test'], results=results, step=step,
+      checkpoint_choice='end of training, the final weights', decode=decode)
+  evaluated = evaluation.analyse(results, source=splits['test'], train_captions=train_captions,
+                                 vocab=result.vocab, provenance=facts,
+                                 stem=evaluation.eval_stem('test', step, decode))
+  scores, content = evaluated.record['metrics'], evaluated.record['content']
+  baseline, baseline_caption = evaluation.most_common_caption_baseline(train_captions, results)
   lines = [f'Test loss (per token): {test_loss:.4f}', 'Held-out test images (greedy):']
   for r in results[:NUM_EXAMPLES_PRINTED]:
     lines += [f"  {r['image_id']}", f"    model: {r['caption']}", f"    ref:   {r['references'][0]}"]
   lines += [f"Test BLEU-4 {scores['Bleu_4']:.3f}  CIDEr {scores['CIDEr']:.3f}  ({len(results)} images)",
             f"Trivial baseline (\"{baseline_caption}\" for every image): BLEU-4 "
             f"{baseline['Bleu_4']:.3f}  CIDEr {baseline['CIDEr']:.3f}"]
-  content = _content_score(results, splits['test'])
   if content:
     lines.append(f"Test content: right objects {content['objects_right']:.1%}  colours "
                  f"{content['colours_right']:.1%}  shapes {content['shapes_right']:.1%}  positions "
                  f"right {content['positions_right']:.1%}, wrong {content['positions_wrong']:.1%}")
+  if evaluated.record['collapse']['warning']:
+    lines.append('WARNING: ' + evaluated.record['collapse']['warning'])
+  lines.append('Provenance: ' + evaluation.provenance_line(evaluated.record['provenance']))
+  paths = evaluation.write_evaluation(evaluated, results, splits['test'], workdir)
+  lines.append(f"Test report: {paths['html']} (open it in a browser; metrics, provenance, per-image "
+               f"scores in {os.path.basename(paths['json'])})")
   reporting.say('\n'.join(lines))
   if jax.process_index() == 0:
     evaluation.save_caption_grid(results, splits['test'], os.path.join(workdir, 'test_examples.png'))
   return FinalReport(test_loss=test_loss, metrics=scores, baseline=baseline, captions=results,
                      content=content)
-
-
-def _content_score(results: list[dict], source) -> dict | None:
-  """The content score when the dataset stores ground truth (the demo), else None."""
-  objects = [content_score.record_objects(source[r['index']]) for r in results]
-  if not objects or any(o is None for o in objects):
-    return None
-  return content_score.content_score([r['caption'] for r in results], objects)
 
 
 def find_images(pattern: str) -> list[str]:
@@ -96,7 +104,8 @@ def find_images(pattern: str) -> list[str]:
 
 def caption_images(workdir: str, images_pattern: str, *, output: str | None = None,
                    beam_size: int = 3, checkpoint: str = 'best', length_penalty: float = 0.0,
-                   temperature: float = 0.0, top_k: int = 0) -> list[dict]:
+                   no_repeat_ngram: int = 0, temperature: float = 0.0, top_k: int = 0,
+                   attention_maps: str | None = None) -> list[dict]:
   """Prints `filename<TAB>caption` per image; unreadable files get an error line, the rest still run.
   Images are read a batch at a time, so memory does not grow with the number of files."""
   if not images_pattern:
@@ -107,8 +116,14 @@ def caption_images(workdir: str, images_pattern: str, *, output: str | None = No
   paths = find_images(images_pattern)
   captioner = inference.ImageCaptioner.from_workdir(workdir, checkpoint=checkpoint, beam_size=beam_size,
                                                     length_penalty=length_penalty,
+                                                    no_repeat_ngram=no_repeat_ngram,
                                                     temperature=temperature, top_k=top_k)
-  rows = []
+  if attention_maps:
+    if not captioner.has_attention:
+      raise errors.InputError(f'--attention_maps: the model in {workdir} has no attention (its '
+                              "config.model.decoder is 'seed')")
+    os.makedirs(attention_maps, exist_ok=True)
+  rows, figure_names = [], set()
   for start in range(0, len(paths), captioner.batch_size):
     loaded = []
     for path in paths[start:start + captioner.batch_size]:
@@ -117,10 +132,15 @@ def caption_images(workdir: str, images_pattern: str, *, output: str | None = No
       except Exception as e:  # pylint: disable=broad-except
         print(f'{path}: error: not a readable image ({type(e).__name__}: {e})', file=sys.stderr)
         rows.append({'file': path, 'error': f'not a readable image: {e}'})
-    captions = captioner.caption([image for _, image in loaded]) if loaded else []
-    for (path, _), caption in zip(loaded, captions):
+    batch = [image for _, image in loaded]
+    results = captioner.caption(batch, return_attention=bool(attention_maps)) if loaded else []
+    for (path, image), result in zip(loaded, results):
+      caption = result['caption'] if attention_maps else result
       print(f'{path}\t{caption}', flush=True)
-      rows.append({'file': path, 'caption': caption})
+      row = {'file': path, 'caption': caption}
+      if attention_maps:
+        row['attention_map'] = _save_attention_map(path, image, result, attention_maps, figure_names)
+      rows.append(row)
   if output:
     fileio.write_text(output, ''.join(json.dumps(row, ensure_ascii=False) + '\n' for row in rows))
     reporting.say(f'Wrote {len(rows)} lines to {output}')
@@ -128,3 +148,17 @@ def caption_images(workdir: str, images_pattern: str, *, output: str | None = No
     raise errors.InputError(f'none of the {len(rows)} file(s) of --images={images_pattern!r} could be '
                             'captioned (see the errors above)')
   return rows
+
+
+def _save_attention_map(path: str, image, result: dict, folder: str, taken: set[str]) -> str:
+  """`<folder>/<file stem>.png` (a numbered name when two images share a stem); returns the path."""
+  stem = os.path.splitext(os.path.basename(path))[0] or 'image'
+  name, n = f'{stem}.png', 1
+  while name in taken:
+    n += 1
+    name = f'{stem}_{n}.png'
+  taken.add(name)
+  figure = os.path.join(folder, name)
+  attention_figures.save_attention_figure(np.asarray(image, np.uint8), result['words'],
+                                          result['attention'], figure, title=result['caption'])
+  return figure

@@ -25,23 +25,29 @@ from capjax.models import captioner
 
 
 def generate_tokens(model, variables, images, *, max_len: int, beam_size: int = 1,
-                    length_penalty: float = 0.0, temperature: float = 0.0, top_k: int = 0):
+                    length_penalty: float = 0.0, temperature: float = 0.0, top_k: int = 0,
+                    no_repeat_ngram: int = 0):
   """uint8 images (N, S, S, 3) -> token ids (N, max_len): `<END>` kept, `<PAD>` after it.
   Beam size 1 is greedy decoding; larger beams return the best hypothesis. temperature > 0 samples
-  instead (optionally from the top_k words), for diverse captions."""
+  instead (optionally from the top_k words), for diverse captions. no_repeat_ngram=n > 0 never
+  repeats an n-gram within a caption (3: trigram blocking)."""
   return generate_from_encoded(model, variables, model.apply(variables, images, method=model.encode),
                                max_len=max_len, beam_size=beam_size, length_penalty=length_penalty,
-                               temperature=temperature, top_k=top_k)
+                               temperature=temperature, top_k=top_k, no_repeat_ngram=no_repeat_ngram)
 
 
 def generate_from_encoded(model, variables, encoded, *, max_len: int, beam_size: int = 1,
-                          length_penalty: float = 0.0, temperature: float = 0.0, top_k: int = 0):
+                          length_penalty: float = 0.0, temperature: float = 0.0, top_k: int = 0,
+                          no_repeat_ngram: int = 0):
   """`generate_tokens` after the encoder: from the encoded images (N, ...) the decoder starts from.
   Sampling (temperature > 0) uses a fixed key, so a caption call is repeatable."""
+  # Per-image tensors (the attention decoder's projected grid) are computed once here and closed over:
+  # every step and every beam reads them, none recomputes them.
+  context = model.apply(variables, encoded, method=model.prepare)
   carry = model.apply(variables, encoded, method=model.start)
-  step_fn = lambda c, t: model.apply(variables, c, t, method=model.step)  # noqa: E731
+  step_fn = lambda c, t: model.apply(variables, c, t, context, method=model.step)  # noqa: E731
   kwargs = dict(batch_size=encoded.shape[0], start_id=vocab_lib.START_ID, end_id=vocab_lib.END_ID,
-                pad_id=vocab_lib.PAD_ID, max_len=max_len)
+                pad_id=vocab_lib.PAD_ID, max_len=max_len, no_repeat_ngram=no_repeat_ngram)
   if temperature > 0:
     return decoding.sample_decode(step_fn, carry, jax.random.PRNGKey(0), temperature=temperature,
                                   top_k=top_k, **kwargs)
@@ -52,11 +58,24 @@ def generate_from_encoded(model, variables, encoded, *, max_len: int, beam_size:
   return result.tokens[:, 0]
 
 
+def generate_with_attention(model, variables, images, **decode_options):
+  """`generate_tokens` plus, for the attention decoder, the attention each generated word was produced
+  with: (tokens (N, L), alphas (N, L, G) float32)."""
+  encoded = model.apply(variables, images, method=model.encode)
+  tokens = generate_from_encoded(model, variables, encoded, **decode_options)
+  return tokens, model.apply(variables, encoded, tokens, method=model.attention_weights)
+
+
 def make_caption_fn(model, mesh, *, max_len: int, beam_size: int = 1, length_penalty: float = 0.0,
-                    temperature: float = 0.0, top_k: int = 0):
-  """(variables, images) -> tokens, compiled once; the batch is sharded over the mesh."""
-  fn = functools.partial(generate_tokens, model, max_len=max_len, beam_size=beam_size,
-                         length_penalty=length_penalty, temperature=temperature, top_k=top_k)
+                    temperature: float = 0.0, top_k: int = 0, no_repeat_ngram: int = 0,
+                    return_attention: bool = False):
+  """(variables, images) -> tokens (or (tokens, alphas) with `return_attention`, attention decoder
+  only), compiled once; the batch is sharded over the mesh."""
+  if return_attention and not model.has_attention:
+    raise ValueError('return_attention: this model has no attention (config.model.decoder is seed)')
+  fn = functools.partial(generate_with_attention if return_attention else generate_tokens, model,
+                         max_len=max_len, beam_size=beam_size, length_penalty=length_penalty,
+                         temperature=temperature, top_k=top_k, no_repeat_ngram=no_repeat_ngram)
   return jax.jit(fn, in_shardings=(mesh_lib.replicated(mesh), mesh_lib.batch_sharded(mesh)),
                  out_shardings=mesh_lib.replicated(mesh))
 
@@ -64,13 +83,21 @@ def make_caption_fn(model, mesh, *, max_len: int, beam_size: int = 1, length_pen
 def caption_source(caption_fn, variables, source, vocab, mesh, *, image_size: int, batch_size: int,
                    max_images: int | None = None) -> list[dict]:
   """Captions images of a split. Returns, on every process, one dict per image in source order:
-  {'index', 'image_id', 'caption', 'references'}."""
+  {'index', 'image_id', 'caption', 'references'}; with a `caption_fn` made with `return_attention`,
+  also 'words' and 'attention' (see `attention_result`)."""
   limited = source if not max_images else _Prefix(source, max_images)
-  tokens = caption_tokens(caption_fn, variables, limited, mesh, image_size=image_size,
-                          batch_size=batch_size)
-  return [{'index': i, 'image_id': input_pipeline.as_text(limited[i]['image_id']),
-           'caption': vocab.decode(tokens[i]), 'references': input_pipeline.record_captions(limited[i])}
-          for i in sorted(tokens)]
+  outputs = caption_tokens(caption_fn, variables, limited, mesh, image_size=image_size,
+                           batch_size=batch_size)
+  results = []
+  for i in sorted(outputs):
+    row = {'index': i, 'image_id': input_pipeline.as_text(limited[i]['image_id']),
+           'references': input_pipeline.record_captions(limited[i])}
+    if isinstance(outputs[i], tuple):
+      row.update(attention_result(vocab, *outputs[i]))
+    else:
+      row['caption'] = vocab.decode(outputs[i])
+    results.append(row)
+  return results
 
 
 def caption_tokens(caption_fn, variables, source, mesh, *, image_size: int,
@@ -164,32 +191,70 @@ class ImageCaptioner:
   step: int = -1
   temperature: float = 0.0
   top_k: int = 0
+  no_repeat_ngram: int = 0
 
   @classmethod
   def from_workdir(cls, workdir: str, *, checkpoint: str | int = 'best', beam_size: int = 1,
                    length_penalty: float = 0.0, batch_size: int = 32, temperature: float = 0.0,
-                   top_k: int = 0) -> 'ImageCaptioner':
+                   top_k: int = 0, no_repeat_ngram: int = 0) -> 'ImageCaptioner':
     mesh = mesh_lib.make_mesh()
     config, vocab, model, variables, step = restore_variables(workdir, checkpoint, mesh)
     return cls(model, variables, vocab, config.data.image_size, config.data.max_caption_len - 1, mesh,
-               beam_size, length_penalty, batch_size, step, temperature, top_k)
+               beam_size, length_penalty, batch_size, step, temperature, top_k, no_repeat_ngram)
+
+  @property
+  def has_attention(self) -> bool:
+    return self.model.has_attention
 
   @functools.cached_property
   def _caption_fn(self):
+    return self._make_caption_fn(return_attention=False)
+
+  @functools.cached_property
+  def _caption_with_attention_fn(self):
+    return self._make_caption_fn(return_attention=True)
+
+  def _make_caption_fn(self, *, return_attention: bool):
     return make_caption_fn(self.model, self.mesh, max_len=self.max_len, beam_size=self.beam_size,
                            length_penalty=self.length_penalty, temperature=self.temperature,
-                           top_k=self.top_k)
+                           top_k=self.top_k, no_repeat_ngram=self.no_repeat_ngram,
+                           return_attention=return_attention)
 
-  def caption(self, images: Sequence[Any]) -> list[str]:
+  def caption(self, images: Sequence[Any], *, return_attention: bool = False) -> list:
     """Captions for paths, encoded bytes, PIL images or uint8 arrays, in order. With several
-    processes, every process passes the same images; each captions its share of them."""
+    processes, every process passes the same images; each captions its share of them.
+
+    return_attention (attention decoder): one dict per image instead, {'caption', 'words' (the
+    caption's words, `<END>` excluded), 'attention' (float32 (len(words), grid, grid): for each word,
+    the weights over the image grid it was produced with; rows sum to 1)}."""
     if not len(images):
       return []
-    tokens = caption_tokens(self._caption_fn, self.variables, _LoadedImages(images, self.image_size),
-                            self.mesh, image_size=self.image_size, batch_size=self._batch_size())
-    return [self.vocab.decode(tokens[i]) for i in range(len(images))]
+    fn = self._caption_with_attention_fn if return_attention else self._caption_fn
+    outputs = caption_tokens(fn, self.variables, _LoadedImages(images, self.image_size), self.mesh,
+                             image_size=self.image_size, batch_size=self._batch_size())
+    if not return_attention:
+      return [self.vocab.decode(outputs[i]) for i in range(len(images))]
+    return [attention_result(self.vocab, *outputs[i]) for i in range(len(images))]
 
   def _batch_size(self) -> int:
     """`batch_size` rounded down to a multiple of the device count (at least one per device)."""
     devices = self.mesh.devices.size
     return max(devices, self.batch_size // devices * devices)
+
+
+def attention_result(vocab: vocab_lib.Vocabulary, tokens: np.ndarray, alphas: np.ndarray) -> dict:
+  """One generated row and its attention -> {'caption', 'words', 'attention' (len(words), g, g)}, the
+  grid square (the trunk's map, or config.model.attention_grid)."""
+  grid = int(round(alphas.shape[-1] ** 0.5))
+  if grid * grid != alphas.shape[-1]:
+    raise ValueError(f'attention over {alphas.shape[-1]} cells is not a square grid')
+  # The words `vocab.decode` keeps, each with the attention of the step that produced it.
+  kept = []
+  for position, token in enumerate(np.asarray(tokens)):
+    if int(token) == vocab_lib.END_ID:
+      break
+    if int(token) not in (vocab_lib.PAD_ID, vocab_lib.START_ID):
+      kept.append(position)
+  words = [vocab.decode([tokens[p]]) for p in kept]
+  attention = np.asarray(alphas, np.float32)[kept].reshape(len(kept), grid, grid)
+  return {'caption': ' '.join(words), 'words': words, 'attention': attention}

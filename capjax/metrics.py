@@ -79,23 +79,9 @@ def compute_caption_metrics(candidates: Mapping[str, str], references: Mapping[s
   if on_error not in ('raise', 'warn'):
     raise ValueError(f"on_error must be 'raise' or 'warn', got {on_error!r}")
   requested = _check_metric_names(metrics)
-  image_ids = _check_image_ids(candidates, references)
-  have_java = shutil.which('java') is not None
-  use_ptb = _resolve_tokenizer(tokenizer, have_java)
-
-  # gts/res in pycocoevalcap's layout: image id -> list of tokenised strings.
-  together = {('ref', i): list(references[i]) for i in image_ids}
-  together.update({('cand', i): [candidates[i]] for i in image_ids})
-  if use_ptb and tokenizer == 'auto':
-    try:
-      tokenized = tokenize_captions(together, use_ptb=True)
-    except RuntimeError as e:
-      logger.warning('%s; tokenising with the pure-Python PTB imitation instead.', e)
-      tokenized, have_java = tokenize_captions(together, use_ptb=False), False
-  else:
-    tokenized = tokenize_captions(together, use_ptb=use_ptb)
-  gts = {i: tokenized[('ref', i)] for i in image_ids}
-  res = {i: tokenized[('cand', i)] for i in image_ids}
+  gts, res, used = tokenized_pairs(candidates, references, tokenizer)
+  # METEOR is a Java program too: it runs when Java is on PATH, unless Java just failed to tokenise.
+  have_java = shutil.which('java') is not None and (tokenizer != 'auto' or used == 'ptb')
 
   if 'meteor' in requested and not have_java:
     logger.warning('METEOR skipped: it needs a working Java and `java` is not on PATH or fails.')
@@ -110,6 +96,31 @@ def compute_caption_metrics(candidates: Mapping[str, str], references: Mapping[s
         raise
       logger.warning('%s could not be computed and is left out: %s: %s', name, type(e).__name__, e)
   return results
+
+
+def tokenized_pairs(candidates: Mapping[str, str], references: Mapping[str, Sequence[str]],
+                    tokenizer: str = 'auto') -> tuple[dict, dict, str]:
+  """(gts, res, tokenizer used): the references and candidates tokenised as coco-caption does, in
+  pycocoevalcap's layout (image id -> list of space-joined token strings, ids in the candidates' order),
+  ready for any pycocoevalcap scorer; the tokenizer used is 'ptb' (Java) or 'python'.
+
+  Arguments as in `compute_caption_metrics`. In 'auto' mode a Java that fails falls back to the Python
+  tokeniser with a warning, so the tokenizer used is the one to report, not the one asked for.
+  """
+  image_ids = check_image_ids(candidates, references)
+  use_ptb = _resolve_tokenizer(tokenizer, shutil.which('java') is not None)
+  together = {('ref', i): list(references[i]) for i in image_ids}
+  together.update({('cand', i): [candidates[i]] for i in image_ids})
+  try:
+    tokenized = tokenize_captions(together, use_ptb=use_ptb)
+  except RuntimeError as e:
+    if not (use_ptb and tokenizer == 'auto'):
+      raise
+    logger.warning('%s; tokenising with the pure-Python PTB imitation instead.', e)
+    tokenized, use_ptb = tokenize_captions(together, use_ptb=False), False
+  gts = {i: tokenized[('ref', i)] for i in image_ids}
+  res = {i: tokenized[('cand', i)] for i in image_ids}
+  return gts, res, 'ptb' if use_ptb else 'python'
 
 
 def format_metrics_table(metrics: Mapping[str, float]) -> str:
@@ -165,7 +176,8 @@ def _check_metric_names(metrics: Iterable[str]) -> list[str]:
   return list(dict.fromkeys(requested))  # de-duplicated, order kept
 
 
-def _check_image_ids(candidates: Mapping[str, str], references: Mapping[str, Sequence[str]]) -> list[str]:
+def check_image_ids(candidates: Mapping[str, str], references: Mapping[str, Sequence[str]]) -> list[str]:
+  """The candidates' image ids, in order, once every one has references and one caption string."""
   missing = [i for i in candidates if not references.get(i)]
   if missing:
     raise ValueError(f'{len(missing)} candidate image ids have no references, e.g. {missing[:3]}')
