@@ -5,6 +5,11 @@
 
 Parameter names follow torchvision's layout (`stem_conv`, `stem_bn`, `stage{i}_block{j}/conv{1,2,3}`,
 `bn{1,2,3}`, `proj_conv`, `proj_bn`) so that imported ImageNet weights map one to one.
+
+Convolutions are `small_map_conv.Conv`: `nn.Conv`'s parameters and results (up to float rounding), but
+on XLA:CPU the 1x1 convolutions and every convolution with an output of at most 14x14 (stages 3-4 at
+224 px, 2-4 at 64 px) run as a matrix product, because XLA:CPU's own convolution is up to 36x slower
+there in training (see that module). `conv_impl='lax'` gives plain `nn.Conv` arithmetic everywhere.
 """
 
 from collections.abc import Sequence
@@ -12,6 +17,8 @@ import functools
 
 import flax.linen as nn
 import jax.numpy as jnp
+
+from capjax.models import small_map_conv
 
 # torchvision's BatchNorm2d defaults: eps 1e-5, running-average momentum 0.1 (0.9 in flax's convention).
 BN_EPSILON = 1e-5
@@ -25,10 +32,11 @@ class BottleneckBlock(nn.Module):
   filters: int
   strides: int = 1
   dtype: jnp.dtype = jnp.float32
+  conv_impl: str = 'auto'  # see small_map_conv.Conv.impl
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+    conv = functools.partial(small_map_conv.Conv, use_bias=False, dtype=self.dtype, impl=self.conv_impl)
     norm = functools.partial(
         nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
         dtype=self.dtype)
@@ -54,11 +62,12 @@ class ResNet(nn.Module):
   stage_sizes: Sequence[int] = (3, 4, 6, 3)
   width: int = 64
   dtype: jnp.dtype = jnp.float32
+  conv_impl: str = 'auto'  # see small_map_conv.Conv.impl
 
   @nn.compact
   def __call__(self, images, *, train: bool):
-    x = nn.Conv(self.width, (7, 7), strides=2, padding=((3, 3), (3, 3)), use_bias=False,
-                dtype=self.dtype, name='stem_conv')(images)
+    x = small_map_conv.Conv(self.width, (7, 7), strides=2, padding=((3, 3), (3, 3)), use_bias=False,
+                            dtype=self.dtype, impl=self.conv_impl, name='stem_conv')(images)
     x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
                      dtype=self.dtype, name='stem_bn')(x)
     x = nn.relu(x)
@@ -67,5 +76,6 @@ class ResNet(nn.Module):
       for block in range(num_blocks):
         strides = 2 if stage > 0 and block == 0 else 1
         x = BottleneckBlock(self.width * 2**stage, strides=strides, dtype=self.dtype,
+                            conv_impl=self.conv_impl,
                             name=f'stage{stage + 1}_block{block + 1}')(x, train=train)
     return x
