@@ -185,6 +185,12 @@ class _ExampleMaker:
     rows = [self._vocab.encode(c, self._cfg.max_caption_len) for c in captions]
     return rows[0] if self._cfg.seq_per_img == 1 else np.stack(rows)
 
+  def _indexed(self, example: dict, image_index) -> dict:
+    """With `image_index` (SCST looks up the image's references), the example says which image it is."""
+    if self._cfg.image_index:
+      example['image_index'] = np.int32(image_index)
+    return example
+
 
 class TrainExample(_ExampleMaker, grain.transforms.RandomMap):
   """(image index, record, group) -> {'image': uint8, 'tokens'}. On the host (default): augmented with
@@ -192,15 +198,16 @@ class TrainExample(_ExampleMaker, grain.transforms.RandomMap):
   `augment_on_device`: the image at the fixed store size, not augmented (the train step does it)."""
 
   def random_map(self, element, rng: np.random.Generator):
-    _, record, group = element
+    image_index, record, group = element
     cfg = self._cfg
     captions = self._captions(record, group, rng)
     if cfg.augment_on_device:
-      return {'image': _fixed_size(record, cfg.stored_size), 'tokens': self._tokens(captions)}
+      return self._indexed({'image': _fixed_size(record, cfg.stored_size), 'tokens': self._tokens(captions)},
+                           image_index)
     pixels, flipped = augment_image(record_image(record, cfg.image_size), rng, cfg.image_size, cfg.augment)
     if flipped:
       captions = [swap_left_right(c) for c in captions]
-    return {'image': pixels, 'tokens': self._tokens(captions)}
+    return self._indexed({'image': pixels, 'tokens': self._tokens(captions)}, image_index)
 
 
 class IndexTrainExample(_ExampleMaker, grain.transforms.RandomMap):
@@ -209,15 +216,17 @@ class IndexTrainExample(_ExampleMaker, grain.transforms.RandomMap):
 
   def random_map(self, element, rng: np.random.Generator):
     image_index, record, group = element
-    return {'index': np.int32(image_index), 'tokens': self._tokens(self._captions(record, group, rng))}
+    return self._indexed({'index': np.int32(image_index),
+                          'tokens': self._tokens(self._captions(record, group, rng))}, image_index)
 
 
 class FeatureTrainExample(_ExampleMaker, grain.transforms.RandomMap):
   """(record with cached 'features', group) -> {'features', 'tokens'}: no image, so no augmentation."""
 
   def random_map(self, element, rng: np.random.Generator):
-    _, record, group = element
-    return {'features': record['features'], 'tokens': self._tokens(self._captions(record, group, rng))}
+    image_index, record, group = element
+    return self._indexed({'features': record['features'],
+                          'tokens': self._tokens(self._captions(record, group, rng))}, image_index)
 
 
 def _fixed_size(record: dict, size: int) -> np.ndarray:
@@ -294,7 +303,8 @@ class PipelineConfig:
   augment_on_device: the host ships images at `store_size` (0: image_size) unaugmented; the train step
   augments them (capjax/device_augment.py). device_resident: the host ships image indices only.
   from_features: the source holds cached pooled trunk features instead of images (the 'cached' encoder
-  mode); examples then carry 'features' and no augmentation is possible."""
+  mode); examples then carry 'features' and no augmentation is possible. image_index: training examples
+  also carry 'image_index', the image's position in the source (SCST's reward looks up its references)."""
   image_size: int
   max_caption_len: int
   captions_per_image: int
@@ -309,6 +319,7 @@ class PipelineConfig:
   store_size: int = 0
   device_resident: bool = False
   from_features: bool = False
+  image_index: bool = False
 
   @property
   def stored_size(self) -> int:

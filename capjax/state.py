@@ -133,21 +133,31 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], image_table: j
     batch = augment(batch, jax.random.fold_in(step_rng, 1))  # dropout keeps step_rng itself
 
   def loss_fn(params):
+    # 'losses': terms a model adds to its objective with `sow` (the attention decoder's penalty).
     logits, updates = logits_fn({'params': params, 'batch_stats': state.batch_stats}, batch,
-                                train=True, mutable=['batch_stats'], rngs={'dropout': step_rng})
+                                train=True, mutable=['batch_stats', 'losses'], rngs={'dropout': step_rng})
     loss_sum, count = token_cross_entropy(logits, batch['tokens'])
-    return loss_sum / jnp.maximum(count, 1.0), (updates['batch_stats'], count)
+    loss = loss_sum / jnp.maximum(count, 1.0)
+    terms = jax.tree.leaves(updates.get('losses', {}))
+    extra = sum((jnp.sum(term) for term in terms), jnp.float32(0)) if terms else None
+    return loss + (0.0 if extra is None else extra), (loss, extra, updates.get('batch_stats', {}), count)
 
-  (loss, (batch_stats, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (total, (loss, extra, batch_stats, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   grad_norm = optax.tree.norm(grads)
   new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                             batch_stats=batch_stats, opt_state=opt_state)
   if skip_nonfinite:
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state,
                              state.replace(step=state.step + 1))
-  return new_state, {'loss': loss, 'tokens': count, 'grad_norm': grad_norm}
+  # 'loss' stays the per-token cross-entropy (comparable across models and with the eval loss); a
+  # model's extra terms (known when tracing: only models that sow them have them) are reported apart.
+  metrics = {'loss': loss, 'tokens': count, 'grad_norm': grad_norm}
+  if extra is not None:
+    metrics['extra_loss'] = extra
+  return new_state, metrics
 
 
 def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *, logits_fn: LogitsFn) -> dict:

@@ -21,10 +21,12 @@ from capjax import device_augment
 from capjax import errors
 from capjax import evaluation
 from capjax import features
+from capjax import inference
 from capjax import input_pipeline
 from capjax import mesh as mesh_lib
 from capjax import pretrained
 from capjax import reporting
+from capjax import scst
 from capjax import state as state_lib
 from capjax import vocab as vocab_lib
 from capjax import workdir as workdir_lib
@@ -68,10 +70,12 @@ class _Run:
   epoch_loss_sum: float = 0.0
   epoch_loss_steps: int = 0
   nonfinite_steps: int = 0
+  epoch_reward_sum: float = 0.0  # SCST: the epoch's summed mean sample rewards
 
   def run_info(self) -> dict:
     return {'identity': self.identity, 'epoch_loss_sum': self.epoch_loss_sum,
-            'epoch_loss_steps': self.epoch_loss_steps, 'nonfinite_steps': self.nonfinite_steps}
+            'epoch_loss_steps': self.epoch_loss_steps, 'nonfinite_steps': self.nonfinite_steps,
+            'epoch_reward_sum': self.epoch_reward_sum}
 
   def val_loss(self, state) -> float:
     return evaluation.split_loss(self.eval_fn, state, self.loss_sources['validation'], self.vocab,
@@ -89,6 +93,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   are opened."""
   config = workdir_lib.with_absolute_paths(config)
   checkpointing.check_best_metric(config.train.best_metric, config.train.best_mode)
+  scst.check_config(config)
+  if config.train.get('init_from'):
+    config.train.init_from = os.path.abspath(os.path.expanduser(config.train.init_from))
   if config.train.best_metric not in ('', 'val_loss', 'train_loss') and not config.train.metrics_every_epochs:
     reporting.say(f'Note: config.train.best_metric={config.train.best_metric!r} is never computed with '
                   "metrics_every_epochs=0, so 'best' is the latest checkpoint (best_metric='val_loss' "
@@ -115,7 +122,7 @@ def _train(run: '_Run', state, train_iter) -> TrainResult:
   config, workdir, vocab = run.config, run.workdir, run.vocab
   reporting.say(f'Training {run.total_steps} steps ({run.steps_per_epoch} per epoch, global batch '
                 f'{config.train.batch_size}, {run.mesh.devices.size} devices, vocabulary {len(vocab)}, '
-                f'encoder {config.model.encoder_mode}).')
+                f'encoder {config.model.encoder_mode}, objective {_objective(config)}).')
   state, step_losses = _train_loop(run, state, train_iter)
   run.checkpointer.close()
   reporting.close_writer(run.writer)
@@ -139,6 +146,8 @@ def _new_run(config, workdir: str, splits, vocab) -> tuple[_Run, state_lib.Train
   pipeline = input_pipeline.PipelineConfig.from_config(
       config, from_features=from_features,
       device_resident=not from_features and _device_resident(config, len(splits['train'])))
+  if _objective(config) == 'scst':  # the reward looks up each example's references by image
+    pipeline = dataclasses.replace(pipeline, image_index=True)
   steps_per_epoch = _steps_per_epoch(config, pipeline, len(splits['train']))
   total_steps = steps_per_epoch * config.train.num_epochs
   if config.train.max_steps:
@@ -153,6 +162,14 @@ def _new_run(config, workdir: str, splits, vocab) -> tuple[_Run, state_lib.Train
                                        config.data.max_caption_len, mesh)
   if config.model.encoder_init:
     state = _with_pretrained_trunk(state, config.model.encoder_init, mesh)
+  checkpointer = checkpointing.Checkpointer(
+      workdir_lib.checkpoint_dir(workdir), keep=config.train.keep_checkpoints,
+      keep_best=config.train.keep_best_checkpoints, best_metric=config.train.best_metric,
+      best_mode=config.train.best_mode)
+  # Before the loss sources: in 'cached' mode the features are extracted with the initial trunk.
+  starting = checkpointer.latest_step() is None
+  if starting and config.train.get('init_from'):
+    state = _with_init_from(state, config.train.init_from, vocab, mesh)
   logits_fn = state_lib.teacher_forced_logits(model, from_features=from_features)
   loss_sources = _loss_sources(config, pipeline, workdir, model, state, splits, mesh)
   step_options = dict(skip_nonfinite=config.train.skip_nonfinite_steps > 0)
@@ -163,19 +180,66 @@ def _new_run(config, workdir: str, splits, vocab) -> tuple[_Run, state_lib.Train
     step_options['image_table'] = jax.device_put(
         input_pipeline.image_table(loss_sources['train_images'], pipeline.stored_size),
         mesh_lib.replicated(mesh))
+  if _objective(config) == 'scst':
+    initialised = not starting or bool(config.train.get('init_from'))
+    train_fn_for_step = _compiled_scst_step(config, vocab, model, logits_fn, tx, mesh, splits['train'],
+                                            step_options, initialised=initialised)
+  else:
+    train_fn_for_step = _compiled_train_steps(config, vocab, logits_fn, tx, mesh, frozen_steps, step_options)
   run = _Run(
       config=config, workdir=workdir, vocab=vocab, model=model, mesh=mesh, splits=splits,
       loss_sources=loss_sources, pipeline=pipeline,
       steps_per_epoch=steps_per_epoch, total_steps=total_steps, schedule=schedule,
-      train_fn_for_step=_compiled_train_steps(config, vocab, logits_fn, tx, mesh, frozen_steps,
-                                              step_options),
+      train_fn_for_step=train_fn_for_step,
       eval_fn=state_lib.compile_eval_step(logits_fn, mesh),
-      checkpointer=checkpointing.Checkpointer(
-          workdir_lib.checkpoint_dir(workdir), keep=config.train.keep_checkpoints,
-          keep_best=config.train.keep_best_checkpoints, best_metric=config.train.best_metric,
-          best_mode=config.train.best_mode),
+      checkpointer=checkpointer,
       identity=workdir_lib.run_identity(config, vocab))
   return run, state
+
+
+def _objective(config) -> str:
+  return config.train.get('objective', 'xent')  # configs from before SCST: cross-entropy
+
+
+def _with_init_from(state: state_lib.TrainState, init_from: str, vocab, mesh) -> state_lib.TrainState:
+  """A new run's params and batch_stats from another workdir's best checkpoint (its latest without a
+  best); the optimizer state, step and rng stay fresh. The other run must have this run's vocabulary
+  and parameter shapes (ConfigMismatch otherwise)."""
+  _, init_vocab, _, variables, step = inference.restore_variables(init_from, 'best', mesh)
+  if init_vocab.fingerprint() != vocab.fingerprint():
+    raise errors.ConfigMismatch(
+        f'config.train.init_from={init_from}: its vocabulary ({len(init_vocab)} words, hash '
+        f'{init_vocab.fingerprint()}) is not this run\'s ({len(vocab)} words, hash {vocab.fingerprint()}); '
+        'the data or config.data.min_word_count differ')
+  ours = jax.tree_util.tree_flatten_with_path(state.variables)[0]
+  theirs = dict(jax.tree_util.tree_flatten_with_path(variables)[0])
+  for path, leaf in ours:
+    other = theirs.pop(path, None)
+    if other is None or other.shape != leaf.shape:
+      where = jax.tree_util.keystr(path)
+      found = 'missing' if other is None else f'shape {other.shape}'
+      raise errors.ConfigMismatch(
+          f'config.train.init_from={init_from}: its model differs from this config\'s ({where}: '
+          f'{leaf.shape} here, {found} there); init_from needs the same config.model')
+  if theirs:
+    raise errors.ConfigMismatch(
+        f'config.train.init_from={init_from}: its model has parameters this config\'s lacks '
+        f'({jax.tree_util.keystr(next(iter(theirs)))}); init_from needs the same config.model')
+  reporting.say(f'Initialised params and batch_stats from {init_from} (checkpoint {step}); the optimizer '
+                'starts fresh.')
+  return state.replace(params=variables['params'], batch_stats=variables['batch_stats'])
+
+
+def _compiled_scst_step(config, vocab, model, logits_fn, tx, mesh, train_source, step_options: dict, *,
+                        initialised: bool):
+  """step -> the SCST step (capjax/scst.py), its CIDEr-D reward prepared once from the training
+  references. The frozen warm-up needs no variant here: SCST runs the network in inference mode
+  throughout, and the optimizer already holds the trunk's learning rate at 0 for those steps."""
+  cfg = scst.ScstConfig.from_config(config)
+  reward = scst.CaptionReward.from_source(train_source, vocab, reward_end=cfg.reward_end)
+  scst.say_start(cfg, reward, initialised)
+  step_fn = scst.compile_scst_step(model, logits_fn, tx, mesh, reward, cfg, **step_options)
+  return lambda step: step_fn
 
 
 def _resume(run: _Run, state: state_lib.TrainState, train_iter,
@@ -205,6 +269,7 @@ def _resume(run: _Run, state: state_lib.TrainState, train_iter,
   run.epoch_loss_sum = info.get('epoch_loss_sum', 0.0)
   run.epoch_loss_steps = info.get('epoch_loss_steps', 0)
   run.nonfinite_steps = info.get('nonfinite_steps', 0)
+  run.epoch_reward_sum = info.get('epoch_reward_sum', 0.0)
   changed = f' with config changes {changes}' if changes else ''
   reporting.say(f'Resumed from step {step} in {run.workdir}{changed}.')
   return state
@@ -305,10 +370,13 @@ def _epoch_end(run: _Run, state, epoch: int, data_state) -> None:
   record = {'epoch': epoch, 'step': step,
             'train_loss': run.epoch_loss_sum / max(run.epoch_loss_steps, 1) if run.epoch_loss_steps
             else float('nan'), 'val_loss': run.val_loss(state)}
+  if _objective(cfg) == 'scst':  # 'train_loss' is then SCST's surrogate loss; the reward says more
+    record['train_reward'] = (run.epoch_reward_sum / run.epoch_loss_steps if run.epoch_loss_steps
+                              else float('nan'))
   if run.config_changes:
     record['config_changes'] = run.config_changes
     run.config_changes = {}
-  run.epoch_loss_sum, run.epoch_loss_steps = 0.0, 0
+  run.epoch_loss_sum, run.epoch_loss_steps, run.epoch_reward_sum = 0.0, 0, 0.0
   run.checkpointer.save(step, state, data_state, run.run_info())
   run.history.append(record)
   workdir_lib.save_history(run.workdir, run.history)
@@ -349,6 +417,7 @@ def _train_loop(run: _Run, state, train_iter) -> tuple[state_lib.TrainState, dic
         continue
       run.epoch_loss_sum += loss
       run.epoch_loss_steps += 1
+      run.epoch_reward_sum += float(metrics.get('reward', 0.0))
       step_losses[which] = loss
     return [m for m in fetched if math.isfinite(float(m['loss']))]
 

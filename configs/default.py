@@ -60,6 +60,13 @@ def get_config() -> ml_collections.ConfigDict:
   model.embed_dim = 256
   model.hidden_size = 256
   model.lstm_unroll = 1
+  # 'seed': one pooled image vector starts the LSTM (Show and Tell). 'attention': the LSTM attends over
+  # the trunk's spatial grid at every word (Show, Attend and Tell; capjax/models/attention.py).
+  model.decoder = 'seed'
+  model.attention_dim = 256  # the paper's code: 512 (VGG features); 256 matches the seed's scale
+  model.attention_grid = 0  # cells per side the trunk map is resized to; 0: as is (7 at 224 px)
+  model.attention_dropout = 0.5  # before the readout, as the paper
+  model.attention_regularizer = 1.0  # lambda of the doubly stochastic penalty (the paper's code: 1)
   model.dtype = 'float32'  # 'bfloat16': bf16 compute, float32 params
   # train: fine-tune everything | frozen: trunk fixed, BN in inference mode, only projection+decoder
   # learn | cached: like frozen, but pooled trunk features are extracted once into the workdir and the
@@ -94,4 +101,20 @@ def get_config() -> ml_collections.ConfigDict:
   # A NaN/Inf loss or gradient norm stops the run (nothing non-finite is ever saved); >0: first skip up
   # to this many such steps in all (the update is dropped, the step counter advances).
   train.skip_nonfinite_steps = 0
+  # What the run optimises. 'xent': cross-entropy of the reference captions (teacher forcing). 'scst':
+  # self-critical sequence training (capjax/scst.py): sample captions, reward each with its CIDEr-D against
+  # the image's training references, follow the policy gradient with a baseline. A second stage, started
+  # from a cross-entropy workdir (init_from) at a lower learning rate: see configs/demo_scst.py.
+  train.objective = 'xent'
+  # A workdir whose best checkpoint (its latest without one) gives a NEW run its params and batch_stats;
+  # the optimizer, step counter and schedule start fresh. Ignored once this workdir has a checkpoint.
+  train.init_from = ''
+  train.scst_samples = 5  # sampled captions per image and step (the encoder runs once for all of them)
+  # 'greedy': a sample's baseline is the reward of its image's greedy caption (Rennie et al. 2017);
+  # 'mean': the mean reward of the image's other samples (needs scst_samples >= 2).
+  train.scst_baseline = 'greedy'
+  train.scst_temperature = 1.0  # samples are drawn from softmax(logits / T)
+  # Score <END> as a word in the reward (self-critical.pytorch): a caption is rewarded for ending the way
+  # the references end, so SCST does not learn cut-off endings ("... with a").
+  train.scst_reward_end = True
   return config
