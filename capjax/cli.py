@@ -52,7 +52,7 @@ def final_report(result: train_lib.TrainResult, config, workdir: str, splits) ->
       input_pipeline.PipelineConfig.from_config(config), batch_size=config.train.eval_batch_size,
       mesh=result.mesh)
   results = evaluation.caption_split(result.model, result.state, result.vocab, splits['test'],
-                                     result.mesh, config)
+                                     result.mesh, config, with_attention=True)
   train_captions = evaluation.training_captions(splits['train'])
   step = int(jax.device_get(result.state.step))
   decode = evaluation.DecodeSettings(beam_size=1, max_len=config.data.max_caption_len - 1)
@@ -73,7 +73,9 @@ def final_report(result: train_lib.TrainResult, config, workdir: str, splits) ->
   if content:
     lines.append(f"Test content: right objects {content['objects_right']:.1%}  colours "
                  f"{content['colours_right']:.1%}  shapes {content['shapes_right']:.1%}  positions "
-                 f"right {content['positions_right']:.1%}, wrong {content['positions_wrong']:.1%}")
+                 f"right {content['positions_right']:.1%}, wrong {content['positions_wrong']:.1%}"
+                 + (f"  pointing {content['pointing']:.1%}" if content.get('pointing') is not None
+                    else ''))
   if evaluated.record['collapse']['warning']:
     lines.append('WARNING: ' + evaluated.record['collapse']['warning'])
   lines.append('Provenance: ' + evaluation.provenance_line(evaluated.record['provenance']))

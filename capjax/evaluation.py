@@ -66,10 +66,12 @@ def score_captions(results: list[dict], metrics=('bleu', 'meteor', 'rouge', 'cid
   return metrics_lib.compute_caption_metrics(candidates, references, metrics=metrics)
 
 
-def caption_split(model, state, vocab, source, mesh, config, *,
-                  max_images: int | None = None) -> list[dict]:
-  """Greedy captions of a split by the model in a train state (see `inference.caption_source`)."""
-  caption_fn = inference.make_caption_fn(model, mesh, max_len=config.data.max_caption_len - 1)
+def caption_split(model, state, vocab, source, mesh, config, *, max_images: int | None = None,
+                  with_attention: bool = False) -> list[dict]:
+  """Greedy captions of a split by the model in a train state (see `inference.caption_source`); with
+  `with_attention` (attention models), each result also carries its words' attention maps."""
+  caption_fn = inference.make_caption_fn(model, mesh, max_len=config.data.max_caption_len - 1,
+                                         return_attention=with_attention and model.has_attention)
   return inference.caption_source(caption_fn, state.variables, source, vocab, mesh,
                                    image_size=config.data.image_size,
                                    batch_size=config.train.eval_batch_size, max_images=max_images)
@@ -474,7 +476,8 @@ def _evaluate(workdir: str, *, split: str, checkpoint: str | int, decode: Decode
   decode = dataclasses.replace(decode, max_len=config.data.max_caption_len - 1)
   caption_fn = inference.make_caption_fn(model, mesh, max_len=decode.max_len, beam_size=decode.beam_size,
                                          length_penalty=decode.length_penalty,
-                                         no_repeat_ngram=decode.no_repeat_ngram)
+                                         no_repeat_ngram=decode.no_repeat_ngram,
+                                         return_attention=model.has_attention)
   reporting.say(f'Captioning {len(splits[split])} {split} images with checkpoint {step} of {workdir} '
                 f'({decode.describe()}) ...')
   results = inference.caption_source(caption_fn, variables, splits[split], vocab, mesh,

@@ -57,10 +57,10 @@ def test_eval_restores_an_eight_device_checkpoint_on_one_device(trained):
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   step = max(int(n) for n in os.listdir(os.path.join(workdir, 'checkpoints')) if n.isdigit())
-  result = json.load(open(os.path.join(workdir, f'eval_test_{step}.json')))
+  result = json.load(open(os.path.join(workdir, f'eval_test_{step}_beam2.json')))
   assert result['beam_size'] == 2 and len(result['captions']) == 16
   assert {'Bleu_4', 'METEOR', 'ROUGE_L', 'CIDEr'} <= set(result['metrics'])
-  assert os.path.exists(os.path.join(workdir, f'eval_test_{step}.png'))
+  assert os.path.exists(os.path.join(workdir, f'eval_test_{step}_beam2.png'))
 
 
 def test_caption_mode_survives_a_non_image_file(trained, tmp_path, capsys):
