@@ -135,7 +135,12 @@ def caption_images(workdir: str, images_pattern: str, *, output: str | None = No
         print(f'{path}: error: not a readable image ({type(e).__name__}: {e})', file=sys.stderr)
         rows.append({'file': path, 'error': f'not a readable image: {e}'})
     batch = [image for _, image in loaded]
-    results = captioner.caption(batch, return_attention=bool(attention_maps)) if loaded else []
+    if not loaded:
+      results = []
+    elif attention_maps:
+      results = captioner.caption(batch, return_attention=True)
+    else:
+      results = captioner.caption(batch)
     for (path, image), result in zip(loaded, results):
       caption = result['caption'] if attention_maps else result
       print(f'{path}\t{caption}', flush=True)
