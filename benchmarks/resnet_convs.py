@@ -75,7 +75,7 @@ def _lax_conv(x, w, strides, padding):
   return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=small_map_conv.DIMENSION_NUMBERS)
 
 
-def _jax_calls(impl: str, row: dict, x, w, g) -> dict:
+def jax_calls(impl: str, row: dict, x, w, g) -> dict:
   fn = {'lax': _lax_conv, 'matmul': small_map_conv.conv_as_matmul}[impl]
   conv = functools.partial(fn, strides=row['strides'], padding=row['padding'])
   forward = jax.jit(conv)
@@ -86,10 +86,10 @@ def _jax_calls(impl: str, row: dict, x, w, g) -> dict:
           f'{impl} fwd+bwd': functools.partial(grad, x, w, g)}
 
 
-def _torch_calls(row: dict, x, w, g, torch) -> dict:
-  xt = torch.from_numpy(np.asarray(x)).permute(0, 3, 1, 2).contiguous()
-  wt = torch.from_numpy(np.asarray(w)).permute(3, 2, 0, 1).contiguous()
-  gt = torch.from_numpy(np.asarray(g)).permute(0, 3, 1, 2).contiguous()
+def torch_calls(row: dict, x, w, g, torch) -> dict:
+  xt = torch.from_numpy(np.array(x)).permute(0, 3, 1, 2).contiguous()  # a writable copy
+  wt = torch.from_numpy(np.array(w)).permute(3, 2, 0, 1).contiguous()
+  gt = torch.from_numpy(np.array(g)).permute(0, 3, 1, 2).contiguous()
   stride, padding = row['strides'], tuple(p[0] for p in row['padding'])
 
   def forward():
@@ -118,19 +118,27 @@ def time_interleaved_calls(calls: dict, reps: int) -> dict:
   return {label: round(1e3 * float(np.median(t)), 2) for label, t in times.items()}
 
 
-def measure(row: dict, reps: int, torch) -> dict:
+def layer_inputs(row: dict):
+  """Random input, kernel and output cotangent for one of `trunk_convolutions`' layers."""
   keys = jax.random.split(jax.random.key(0), 3)
   kh, kw = row['kernel']
   cin = row['input'][-1]
   x = jax.random.normal(keys[0], row['input'])
   w = jax.random.normal(keys[1], (kh, kw, cin, row['features'])) / np.sqrt(kh * kw * cin)
+  g = jax.random.normal(keys[2], _lax_conv(x, w, row['strides'], row['padding']).shape)
+  return x, w, g
+
+
+def measure(row: dict, reps: int, torch) -> dict:
+  x, w, g = layer_inputs(row)
+  kh, kw = row['kernel']
+  cin = row['input'][-1]
   out = _lax_conv(x, w, row['strides'], row['padding'])
-  g = jax.random.normal(keys[2], out.shape)
   calls = {}
   for impl in IMPLS:
-    calls.update(_jax_calls(impl, row, x, w, g))
+    calls.update(jax_calls(impl, row, x, w, g))
   if torch is not None:
-    calls.update(_torch_calls(row, x, w, g, torch))
+    calls.update(torch_calls(row, x, w, g, torch))
   diff = small_map_conv.conv_as_matmul(x, w, row['strides'], row['padding']) - out
   return {**row, 'output': out.shape, 'gflop_fwd': 2 * out.size * kh * kw * cin / 1e9,
           'max_abs_diff': float(jnp.max(jnp.abs(diff))), 'ms': time_interleaved_calls(calls, reps)}

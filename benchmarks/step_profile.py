@@ -10,6 +10,9 @@ Parts (capjax: each one jitted; torch: eager, float32, `--torch_threads`):
                       mode, statistics updated) from normalised float images, pooled output
   trunk, no BatchNorm the same with every BatchNorm removed (flax: intercepted to the identity; torch:
                       replaced by nn.Identity): the difference is what BatchNorm costs
+  trunk convolutions  the trunk's 53 convolutions alone, forward + backward, one jitted call each
+                      (resnet_convs.py's layers; capjax: as small_map_conv's rule computes each)
+  max pool            the stem's 3x3/2 max pool, forward + backward
   head                projection + its BatchNorm, embedding, LSTM, vocabulary projection and the masked
                       cross-entropy from pooled trunk features, forward + backward (the 'cached' step's
                       work without its optimizer)
@@ -41,6 +44,7 @@ import optax
 
 from benchmarks import cpu_gap
 from benchmarks import harness
+from benchmarks import resnet_convs
 from benchmarks import structural_wins
 from capjax import device_augment
 from capjax import input_pipeline
@@ -102,6 +106,27 @@ def _head_loss(model, variables, trained, features, tokens):
                                 method=model.decode_from_features, mutable=['batch_stats'])
   loss_sum, count = state_lib.token_cross_entropy(logits, tokens)
   return loss_sum / count, updates
+
+
+def capjax_trunk_convolutions(image_size: int, batch: int):
+  calls = []
+  for row in resnet_convs.trunk_convolutions(image_size, batch):
+    label = f"{row['rule']} fwd+bwd"
+    calls += [resnet_convs.jax_calls(row['rule'], row, *resnet_convs.layer_inputs(row))[label]] * row['count']
+
+  def run_all():
+    return [call() for call in calls]
+  return call_advancer(run_all)
+
+
+def _max_pool(x):
+  return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # as resnet.ResNet's stem
+
+
+def capjax_max_pool(image_size: int, batch: int):
+  x = jax.random.normal(jax.random.key(0), (batch, image_size // 2, image_size // 2, 64))
+  g = jax.random.normal(jax.random.key(1), _max_pool(x).shape)
+  return call_advancer(jax.jit(jax.grad(lambda x: jnp.vdot(_max_pool(x), g))), x)
 
 
 def capjax_head(model, variables, features, tokens):
@@ -170,6 +195,8 @@ def capjax_parts(args, mesh) -> dict:
       'full step': cpu_gap.capjax_variant(model, host_batch, args.image_size, mesh)[0],
       'trunk': capjax_trunk(images, with_batchnorm=True),
       'trunk, no BatchNorm': capjax_trunk(images, with_batchnorm=False),
+      'trunk convolutions': capjax_trunk_convolutions(args.image_size, args.batch),
+      'max pool': capjax_max_pool(args.image_size, args.batch),
       'head': capjax_head(model, variables, features, jnp.asarray(host_batch['tokens'])),
       'LSTM': capjax_lstm(args.batch),
       'optimizer': capjax_optimizer(variables['params']),
@@ -243,12 +270,25 @@ def torch_parts(args) -> dict:
       module(x).backward(g)
     return run
 
+  conv_calls = []
+  for row in resnet_convs.trunk_convolutions(args.image_size, args.batch):
+    conv_calls += [resnet_convs.torch_calls(row, *resnet_convs.layer_inputs(row), torch)['torch fwd+bwd']
+                   ] * row['count']
+  pool_in = torch.randn(args.batch, 64, args.image_size // 2, args.image_size // 2, requires_grad=True)
+  pool_g = torch.randn(args.batch, 64, args.image_size // 4, args.image_size // 4)
+
+  def max_pool():
+    pool_in.grad = None
+    torch.nn.functional.max_pool2d(pool_in, 3, 2, 1).backward(pool_g)
+
   def lstm_pass():
     lstm.zero_grad(set_to_none=True)
     lstm(lstm_in)[0].backward(lstm_g)
 
   return {'full step': timed(full_step), 'trunk': timed(trunk(model.trunk)),
-          'trunk, no BatchNorm': timed(trunk(no_bn)), 'head': timed(head), 'LSTM': timed(lstm_pass),
+          'trunk, no BatchNorm': timed(trunk(no_bn)),
+          'trunk convolutions': timed(lambda: [call() for call in conv_calls]), 'max pool': timed(max_pool),
+          'head': timed(head), 'LSTM': timed(lstm_pass),
           'optimizer': timed(optimizer_step)}
 
 

@@ -8,7 +8,7 @@
 Same data, model and caption length as the demo; the run starts from workdirs/demo's best checkpoint
 (params and BatchNorm statistics; a fresh optimizer) and maximises the CIDEr-D of 5 sampled captions per
 image with the greedy caption's reward as the baseline. Budget: 4 epochs of the 1000 training images
-(128 steps of 32 images x 5 samples), on the order of the demo's own training time on a laptop CPU.
+(124 steps of 32 images x 5 samples), on the order of the demo's own training time on a laptop CPU.
 The learning rate is a tenth of the demo's, as SCST papers run relative to cross-entropy (5e-5 after
 5e-4); the checkpoint kept as 'best' is the one with the highest validation CIDEr, computed every epoch.
 """
