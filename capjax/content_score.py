@@ -108,7 +108,25 @@ def content_score(captions: Sequence[str], objects_per_image: Sequence[Sequence[
     chosen = [v for v, o in zip(verdicts, objects_per_image) if len(o) == count]
     by_count[f'{count} object{"s" if count > 1 else ""}'] = {'images': len(chosen), **_rates(chosen)}
   result['by_object_count'] = by_count
+  result['shape_confusion'] = shape_confusion(captions, objects_per_image)
   return result
+
+
+def shape_confusion(captions: Sequence[str], objects_per_image: Sequence[Sequence[dict]]) -> dict:
+  """{'<size> <true shape>': {named shape or 'none': count}} over the objects whose colour is unique in
+  their image (so the mention that means them is known: the caption's mention of that colour). Shows
+  what a model reads shape from: e.g. 'big' objects called squares and 'small' ones triangles is a model
+  that names shape by how much colour it sees, not by its outline."""
+  table: dict[str, Counter] = {}
+  for caption, objects in zip(captions, objects_per_image):
+    mentions = parse_caption(caption)
+    colours = Counter(o['colour'] for o in objects)
+    for o in objects:
+      if colours[o['colour']] != 1:
+        continue
+      named = [m.shape for m in mentions if m.colour == o['colour']]
+      table.setdefault(f"{o['size']} {o['shape']}", Counter())[named[0] if named else 'none'] += 1
+  return {key: dict(sorted(counts.items())) for key, counts in sorted(table.items())}
 
 
 def _rates(verdicts: list[dict]) -> dict[str, float]:

@@ -239,9 +239,15 @@ def _content_table(content: dict) -> dict:
         'no word to check' if content['pointing'] is None else
         f"{content['pointing']:.1%} of {content['pointing_words_checked']} words")
   overall = {k: v for k, v in content.items() if k not in ('by_object_count', 'pointing',
-                                                              'pointing_words_checked')}
+                                                              'pointing_words_checked', 'shape_confusion')}
   table['all images'] = row(overall)
   table.update({count: row(rates) for count, rates in content.get('by_object_count', {}).items()})
+  # What the caption calls each true (size, shape): a model that names shape by the amount of colour
+  # it sees calls big objects squares and small ones triangles.
+  for truth, named in content.get('shape_confusion', {}).items():
+    total = sum(named.values())
+    table[f'a {truth} is called'] = ', '.join(
+        f'{shape} {count / total:.0%}' for shape, count in sorted(named.items(), key=lambda kv: -kv[1]))
   return table
 
 

@@ -43,6 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
   data.shapes_num_validation = 200
   data.shapes_num_test = 200
   data.shapes_image_size = 96
+  data.shapes_object_scale = 1.0  # drawn object size relative to shapes.SIZES
 
   data.augment = augment = ml_collections.ConfigDict()
   augment.enabled = True

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from capjax import content_score
+from capjax.data import builder
 from capjax.data import shapes
 
 
@@ -77,3 +78,32 @@ def test_pointing_counts_peaks_inside_the_named_objects_box():
   alphas[2] = [0, 1, 0, 0]  # 'square' looks at the top-right cell: outside
   assert content_score.pointing(words, alphas, (2, 2), objects) == (1, 2)
   assert content_score.pointing(['a', 'blue', 'circle'], alphas[:3], (2, 2), objects) == (0, 0)
+
+
+def test_shape_confusion_counts_named_shapes_by_true_size_and_shape():
+  big_red_square = {'colour': 'red', 'shape': 'square', 'position': 'left', 'size': 'big',
+                    'box': [0, 0, 1, 1]}
+  small_blue_circle = {'colour': 'blue', 'shape': 'circle', 'position': 'right', 'size': 'small',
+                       'box': [0, 0, 1, 1]}
+  small_red_circle = dict(small_blue_circle, colour='red')
+  captions = ['a big red square on the left',
+              'a red triangle on the left and a blue square on the right',
+              'a green circle on the right',  # names no object of the image's colours: 'none'
+              'a red circle next to a red square']  # two red objects: which mention is which is unknown
+  objects = [[big_red_square], [big_red_square, small_blue_circle], [small_blue_circle],
+             [small_red_circle, big_red_square]]
+  assert content_score.shape_confusion(captions, objects) == {
+      'big square': {'square': 1, 'triangle': 1}, 'small circle': {'none': 1, 'square': 1}}
+  assert content_score.content_score(captions, objects)['shape_confusion']['big square'] == {
+      'square': 1, 'triangle': 1}
+
+
+def test_objects_scale_draws_bigger_objects_under_their_own_dataset_name():
+  (record,), (scaled_record,) = (list(shapes.generate_records('test', 1, 64, object_scale=scale))
+                                 for scale in (1.0, 1.5))
+  small, scaled = json.loads(record['objects']), json.loads(scaled_record['objects'])
+  width = lambda o: o['box'][2] - o['box'][0]  # noqa: E731
+  assert [o['shape'] for o in small] == [o['shape'] for o in scaled]
+  assert width(scaled[0]) == pytest.approx(1.5 * width(small[0]), abs=0.02)
+  assert builder.shapes_config(object_scale=1.5).name == 'shapes_1500_200_200_96px_objects1.5x'
+  assert builder.shapes_config(object_scale=1.0).name == 'shapes'

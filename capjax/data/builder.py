@@ -73,6 +73,7 @@ class CapjaxCaptionsConfig(tfds.core.BuilderConfig):
   num_test: int = 200
   image_size: int = 96
   seed: int = 0
+  object_scale: float = 1.0
 
   @property
   def is_procedural(self) -> bool:
@@ -88,14 +89,14 @@ _DEFAULT_SHAPES = CapjaxCaptionsConfig(name=SHAPES, dataset=SHAPES,
 
 def shapes_config(num_train: int | None = None, num_validation: int | None = None,
                   num_test: int | None = None, image_size: int | None = None,
-                  seed: int | None = None) -> CapjaxCaptionsConfig:
+                  seed: int | None = None, object_scale: float | None = None) -> CapjaxCaptionsConfig:
   """The shapes config with the given sizes (None keeps the default).
 
   A changed config gets its own name, e.g. ``shapes_40_10_10_32px``, because tfds keeps one prepared copy per
   config name.
   """
   sizes = dict(num_train=num_train, num_validation=num_validation, num_test=num_test, image_size=image_size,
-               seed=seed)
+               seed=seed, object_scale=object_scale)
   changes = {k: v for k, v in sizes.items() if v is not None and v != getattr(_DEFAULT_SHAPES, k)}
   if not changes:
     return _DEFAULT_SHAPES
@@ -104,6 +105,8 @@ def shapes_config(num_train: int | None = None, num_validation: int | None = Non
           f'{config.num_test}_{config.image_size}px')
   if config.seed:
     name += f'_seed{config.seed}'
+  if config.object_scale != 1.0:
+    name += f'_objects{config.object_scale:g}x'
   return dataclasses.replace(config, name=name, description=f'{_DEFAULT_SHAPES.description} {name}')
 
 
@@ -171,7 +174,8 @@ class CapjaxCaptions(tfds.core.GeneratorBasedBuilder):
   def _generate_shapes(self, split: str) -> Iterator:
     config = self.builder_config
     for example in shapes.generate_records(split=split, num_images=config.split_sizes()[split],
-                                           image_size=config.image_size, seed=config.seed):
+                                           image_size=config.image_size, seed=config.seed,
+                                           object_scale=config.object_scale):
       self._report.images[split] += 1
       self._report.captions[split] += len(example['captions'])
       yield example['image_id'], {

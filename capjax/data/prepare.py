@@ -28,6 +28,7 @@ def prepare_dataset(
     num_test: int | None = None,
     image_size: int | None = None,
     seed: int | None = None,
+    object_scale: float | None = None,
 ) -> dict[str, Any]:
   """Prepares dataset `name` ('flickr8k', 'flickr30k', 'coco', 'shapes') under
   `data_dir` unless it is already there, prints its summary and returns it.
@@ -40,7 +41,7 @@ def prepare_dataset(
   'data_path' and 'rebuilt' (False when data already existed and nothing was built).
   """
   config = _config(name, num_train=num_train, num_validation=num_validation, num_test=num_test,
-                   image_size=image_size, seed=seed)
+                   image_size=image_size, seed=seed, object_scale=object_scale)
   builder = builder_lib.CapjaxCaptions(config=config, data_dir=os.fspath(data_dir), layout=layout)
   already_prepared = builder.is_prepared()
   _report_unfinished_builds(builder)
@@ -68,7 +69,7 @@ def _report_unfinished_builds(builder) -> None:
 def open_splits(
     name: str,
     data_dir: str | os.PathLike,
-    **overrides: int | None,
+    **overrides: float | None,
 ) -> dict[str, Sequence[dict[str, Any]]]:
   """Random-access sources for each split of prepared dataset `name`.
 
@@ -87,14 +88,14 @@ def open_splits(
   return dict(builder.as_data_source())
 
 
-def config_name(name: str, **overrides: int | None) -> str:
+def config_name(name: str, **overrides: float | None) -> str:
   """The tfds config name `prepare_dataset(name, ..., **overrides)` writes."""
   if any(v is not None for v in overrides.values()):
     return _config(name, **overrides).name
   return name
 
 
-def _config(name: str, **overrides: int | None) -> builder_lib.CapjaxCaptionsConfig | str:
+def _config(name: str, **overrides: float | None) -> builder_lib.CapjaxCaptionsConfig | str:
   if name == builder_lib.SHAPES:
     return builder_lib.shapes_config(**overrides)
   given = sorted(k for k, v in overrides.items() if v is not None)
@@ -140,7 +141,8 @@ def _not_prepared_message(config: str, data_dir) -> str:
 
 def _shapes_overrides(data_config) -> dict:
   return dict(num_train=data_config.shapes_num_train, num_validation=data_config.shapes_num_validation,
-              num_test=data_config.shapes_num_test, image_size=data_config.shapes_image_size)
+              num_test=data_config.shapes_num_test, image_size=data_config.shapes_image_size,
+              object_scale=data_config.get('shapes_object_scale', 1.0))
 
 
 def prepare_from_config(data_config) -> dict[str, Any]:

@@ -85,9 +85,11 @@ def _random_object(rng: np.random.Generator, position: str) -> dict:
   }
 
 
-def render_example(rng: np.random.Generator, image_size: int) -> tuple[Image.Image, list[str], list[dict]]:
+def render_example(rng: np.random.Generator, image_size: int,
+                   object_scale: float = 1.0) -> tuple[Image.Image, list[str], list[dict]]:
   """One random scene: the picture, its five captions, and its objects (the ground truth: shape,
-  colour, size, position, and the drawn shape's box as fractions of the image, [x0, y0, x1, y1])."""
+  colour, size, position, and the drawn shape's box as fractions of the image, [x0, y0, x1, y1]).
+  `object_scale` multiplies the drawn size of every object (SIZES are for 1.0)."""
   background = str(rng.choice(list(BACKGROUNDS)))
   noise = rng.normal(0.0, 10.0, (image_size, image_size, 3))
   pixels = np.clip(np.asarray(BACKGROUNDS[background], np.float32) + noise, 0, 255).astype(np.uint8)
@@ -103,20 +105,21 @@ def render_example(rng: np.random.Generator, image_size: int) -> tuple[Image.Ima
     (fx, fy), _ = POSITIONS[obj['position']]
     jitter = rng.uniform(-0.05, 0.05, 2)
     centre = ((fx + jitter[0]) * image_size, (fy + jitter[1]) * image_size)
-    radius = SIZES[obj['size']] * image_size
+    radius = SIZES[obj['size']] * object_scale * image_size
     _draw_shape(draw, obj['shape'], centre, radius, COLOURS[obj['colour']])
     obj['box'] = [round(v / image_size, 4) for v in _shape_box(obj['shape'], centre, radius)]
   return image, captions, objects
 
 
-def generate_records(split: str, num_images: int, image_size: int = 96, seed: int = 0) -> Iterator[dict]:
+def generate_records(split: str, num_images: int, image_size: int = 96, seed: int = 0,
+                     object_scale: float = 1.0) -> Iterator[dict]:
   """Yields `{'image': JPEG bytes, 'image_id': str, 'captions': list[str], 'objects': JSON str}`,
   deterministic per split; 'objects' is the ground truth of `render_example` (for the content score)."""
   if split not in SPLIT_SEEDS:
     raise ValueError(f'split: expected one of {sorted(SPLIT_SEEDS)}, got {split!r}')
   rng = np.random.default_rng([seed, SPLIT_SEEDS[split]])
   for index in range(num_images):
-    image, captions, objects = render_example(rng, image_size)
+    image, captions, objects = render_example(rng, image_size, object_scale)
     buffer = io.BytesIO()
     image.save(buffer, format='JPEG', quality=92)
     yield {'image': buffer.getvalue(), 'image_id': f'shapes_{split}_{index:05d}.jpg', 'captions': captions,
