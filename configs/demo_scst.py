@@ -30,4 +30,7 @@ def get_config():
   # the references the reward reads (capjax/scst.py refuses flips), and the reward should score the images
   # as evaluation shows them.
   config.data.augment.enabled = False
+  # One sampled set per image per step: an epoch is the 1000 images (the reward reads all 5 references).
+  config.data.seq_per_img = 1
+  config.data.random_caption = True
   return config
