@@ -86,16 +86,36 @@ def close_writer(writer) -> None:
 
 
 def plot_loss_curves(history: list[dict], path: str) -> None:
-  """Train vs validation loss per epoch, like the seed's figure."""
+  """Writes `loss_curves_figure(history)` to `path`."""
+  loss_curves_figure(history).savefig(path, dpi=120)
+
+
+def loss_curves_figure(history: list[dict]) -> Figure:
+  """Train vs validation loss per epoch, like the seed's figure. An SCST run's train loss is the policy
+  gradient surrogate, not a cross-entropy: its figure shows the validation cross-entropy beside the mean
+  sample reward (train) and the validation CIDEr instead."""
   epochs = [h['epoch'] for h in history]
-  fig = Figure(figsize=(7, 4.5))
-  ax = fig.subplots()
-  ax.plot(epochs, [h['train_loss'] for h in history], marker='o', label='train')
+  scst = any('train_reward' in h for h in history)
+  fig = Figure(figsize=(11 if scst else 7, 4.5))
+  axes = fig.subplots(1, 2 if scst else 1)
+  ax = axes[0] if scst else axes
+  if not scst:
+    ax.plot(epochs, [h['train_loss'] for h in history], marker='o', label='train')
   ax.plot(epochs, [h['val_loss'] for h in history], marker='o', label='validation')
   ax.set_xlabel('epoch')
   ax.set_ylabel('cross-entropy per token')
-  ax.set_title('Training vs validation loss')
+  ax.set_title('Validation cross-entropy (SCST)' if scst else 'Training vs validation loss')
   ax.grid(alpha=0.3)
   ax.legend()
+  if scst:
+    reward_ax = axes[1]
+    reward_ax.plot(epochs, [h.get('train_reward', float('nan')) for h in history], marker='o',
+                   label='train: mean sample reward (CIDEr-D)')
+    reward_ax.plot(epochs, [h.get('CIDEr', float('nan')) for h in history], marker='o',
+                   label='validation CIDEr (greedy)')
+    reward_ax.set_xlabel('epoch')
+    reward_ax.set_title('SCST reward')
+    reward_ax.grid(alpha=0.3)
+    reward_ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  return fig

@@ -68,6 +68,7 @@ which the models do not expose), and horizontal flips in the training augmentati
 from collections.abc import Callable, Mapping, Sequence
 import dataclasses
 import functools
+import time
 
 import jax
 import jax.numpy as jnp
@@ -332,18 +333,30 @@ class ScstStep:
     self._sample, self._update, self._reward, self.cfg = sample_fn, update_fn, reward, cfg
     self._mesh, self._table = mesh, image_table
     self.last = None  # the latest step's host-side results (samples, rewards, baselines): tests, demos
+    # True: each step waits for its update too and records the seconds of its three parts in
+    # `last_seconds` ({'sample', 'reward', 'update'}; benchmarks/scst_step.py). Off in training, where the
+    # update runs on while the host fetches the next batch.
+    self.timed = False
+    self.last_seconds = None
 
   def __call__(self, state, batch):
     extra = () if self._table is None else (self._table,)
+    start = time.perf_counter()
     drawn = self._sample(state, batch, *extra)
     host = jax.device_get(drawn)
+    sampled = time.perf_counter()
     cfg = self.cfg
     image_index = np.asarray(host['image_index']).reshape(-1)
     rewards = self._reward(host['samples'], np.repeat(image_index, cfg.num_samples))
     greedy = self._reward(host['greedy'], image_index) if cfg.baseline == 'greedy' else None
     baseline = baselines(rewards, cfg.num_samples, cfg.baseline, greedy)
     advantages = mesh_lib.tree_replicate(np.asarray(rewards - baseline, np.float32), self._mesh)
+    rewarded = time.perf_counter()
     state, metrics = self._update(state, batch, drawn['samples'], advantages, *extra)
+    if self.timed:
+      jax.block_until_ready(metrics)
+      self.last_seconds = {'sample': sampled - start, 'reward': rewarded - sampled,
+                           'update': time.perf_counter() - rewarded}
     self.last = {'samples': host['samples'], 'image_index': image_index, 'rewards': rewards,
                  'baselines': baseline}
     return state, {**metrics, 'reward': np.float32(rewards.mean()), 'baseline': np.float32(baseline.mean()),

@@ -18,6 +18,7 @@ NEVER_IMPORTS = {
     'capjax.evaluation': {'capjax.train', 'capjax.cli'},
     'capjax.train': {'capjax.cli'},
     'capjax.serve': {'capjax.state', 'capjax.train', 'capjax.evaluation', 'capjax.cli'},
+    'capjax.scst': {'capjax.train', 'capjax.evaluation', 'capjax.inference', 'capjax.cli'},
 }
 
 
