@@ -78,10 +78,11 @@ def free_port() -> int:
     return sock.getsockname()[1]
 
 
-def start_server(workdir: str, port: int, log_path: str) -> subprocess.Popen:
+def start_server(workdir: str, port: int, log_path: str, *, beam_size: int, max_batch_size: int,
+                 max_wait_ms: float) -> subprocess.Popen:
   command = [sys.executable, 'launch.py', '--mode=serve', f'--workdir={workdir}', f'--port={port}',
-             f'--beam_size={_BEAM.value}', '--checkpoint_step=latest',
-             f'--max_batch_size={_MAX_BATCH.value}', f'--max_wait_ms={_MAX_WAIT.value}']
+             f'--beam_size={beam_size}', '--checkpoint_step=latest',
+             f'--max_batch_size={max_batch_size}', f'--max_wait_ms={max_wait_ms}']
   with open(log_path, 'w') as log:
     return subprocess.Popen(command, cwd=harness.REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
 
@@ -182,7 +183,8 @@ def main(argv):
   port = free_port()
   url = f'http://127.0.0.1:{port}'
   log_path = os.path.join(tmp.name, 'server.log')
-  server = start_server(workdir, port, log_path)
+  server = start_server(workdir, port, log_path, beam_size=_BEAM.value, max_batch_size=_MAX_BATCH.value,
+                        max_wait_ms=_MAX_WAIT.value)
   rows = []
   try:
     startup_s = wait_until_serving(url, server, log_path)
