@@ -1,7 +1,7 @@
 r"""Where an SCST step's time goes: sampling (device), the CIDEr-D reward (host), the update (device).
 
-The demo config's SCST stage (configs/demo_scst.py: the seed model at 48 px, batch 32, 5 samples per
-image, greedy baseline) on the demo data, one process. Each step is `capjax.scst.ScstStep` with
+The demo config's SCST stage (configs/demo_scst.py: the demo's seed model at its image size, batch 32,
+5 samples per image, greedy baseline) on the demo data, one process. Each step is `capjax.scst.ScstStep` with
 `timed = True`, which waits for the update too and records the three parts' seconds; the first
 `--warmup` steps (compilation) are not counted. A cross-entropy step on the same batches is timed beside
 it for scale.
@@ -27,6 +27,7 @@ import jax
 import numpy as np
 
 from benchmarks import harness
+from capjax import evaluation
 from capjax import inference
 from capjax import input_pipeline
 from capjax import mesh as mesh_lib
@@ -65,9 +66,8 @@ def main():
   if args.init_from:
     _, vocab, _, variables, init_step = inference.restore_variables(args.init_from, 'best', mesh)
   else:
-    vocab = vocab_lib.build_vocabulary(
-        [c for i in range(len(splits['train'])) for c in input_pipeline.record_captions(splits['train'][i])],
-        min_count=config.data.min_word_count)
+    vocab = vocab_lib.build_vocabulary(evaluation.training_captions(splits['train']),
+                                       min_count=config.data.min_word_count)
     variables, init_step = None, None
   model = captioner.build_captioner(config.model, len(vocab))
   tx = state_lib.make_optimizer(config.train, state_lib.make_schedule(config.train, 10, 100), 'train')

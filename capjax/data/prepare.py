@@ -142,6 +142,7 @@ def _not_prepared_message(config: str, data_dir) -> str:
 def _shapes_overrides(data_config) -> dict:
   return dict(num_train=data_config.shapes_num_train, num_validation=data_config.shapes_num_validation,
               num_test=data_config.shapes_num_test, image_size=data_config.shapes_image_size,
+              # .get: config.json of a workdir trained before the field existed (drawn at 1.0) lacks it
               object_scale=data_config.get('shapes_object_scale', 1.0))
 
 
