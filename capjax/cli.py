@@ -50,7 +50,7 @@ def final_report(result: train_lib.TrainResult, config, workdir: str, splits) ->
   test_loss = evaluation.split_loss(
       eval_fn, result.state, splits['test'], result.vocab,
       input_pipeline.PipelineConfig.from_config(config), batch_size=config.train.eval_batch_size,
-      mesh=result.mesh)
+      mesh=result.mesh).mean
   results = evaluation.caption_split(result.model, result.state, result.vocab, splits['test'],
                                      result.mesh, config, with_attention=True)
   train_captions = evaluation.training_captions(splits['train'])
@@ -74,8 +74,8 @@ def final_report(result: train_lib.TrainResult, config, workdir: str, splits) ->
     lines.append(f"Test content: right objects {content['objects_right']:.1%}  colours "
                  f"{content['colours_right']:.1%}  shapes {content['shapes_right']:.1%}  positions "
                  f"right {content['positions_right']:.1%}, wrong {content['positions_wrong']:.1%}"
-                 + (f"  pointing {content['pointing']:.1%}" if content.get('pointing') is not None
-                    else ''))
+                 + (f"  pointing {content['pointing']:.1%} (random cell {content['pointing_chance']:.1%})"
+                    if content.get('pointing') is not None else ''))
   if evaluated.record['collapse']['warning']:
     lines.append('WARNING: ' + evaluated.record['collapse']['warning'])
   lines.append('Provenance: ' + evaluation.provenance_line(evaluated.record['provenance']))

@@ -16,8 +16,9 @@ so a caption can be checked directly:
   to the object with its colour and shape, else to the only object of its colour, else to the only
   object of its shape (so a wrong shape word does not count as a wrong position too); a claim about no
   identifiable object is not checked. Captions that claim no checkable position are neither.
-- pointing (attention models): for each generated colour or shape word, whether the peak of the word's
-  attention map falls inside the box of the object the word belongs to.
+- pointing (attention models): for each generated colour or shape word, whether the peak cell of the
+  word's attention map overlaps the box of the object the word belongs to; reported with the rate a
+  peak in a random cell would get.
 """
 
 from collections import Counter
@@ -35,6 +36,10 @@ COLOURS = tuple(shapes.COLOURS)
 SHAPE_WORDS = shapes.SHAPES
 POSITION_WORDS = tuple(shapes.POSITIONS)
 _COLOUR_WINDOW = 3
+# The words a demo caption's content hangs on, by kind: the validation loss is reported per class
+# (train.py) to show which of them a model has not learnt yet.
+WORD_CLASSES = {'colour': COLOURS, 'shape': SHAPE_WORDS, 'size': tuple(shapes.SIZES),
+                'position': POSITION_WORDS}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,25 +141,41 @@ def _rates(verdicts: list[dict]) -> dict[str, float]:
 
 
 def pointing(words: Sequence[str], alphas: np.ndarray, grid: tuple[int, int],
-             objects: Sequence[dict]) -> tuple[int, int]:
-  """(hits, checked) for one generated caption: for each colour/shape word of a mention whose object is
-  in the image, is the peak of that word's attention map (alphas[t] over the grid, row-major, t = the
-  word's position) inside the object's box (fractions of the image, [x0, y0, x1, y1])?"""
+             objects: Sequence[dict]) -> tuple[int, int, float]:
+  """(hits, checked, hits expected by chance) for one generated caption: for each colour/shape word of a
+  mention whose object is in the image, does the peak cell of that word's attention map (alphas[t] over
+  the grid, row-major, t = the word's position) overlap the object's box (fractions of the image,
+  [x0, y0, x1, y1])? The cell is the map's unit of resolution: on a coarse grid (2x2 at 64 px) a cell's
+  centre rarely lies inside a small object even when the model looks at the right quarter. By chance
+  (a peak in a uniformly random cell) a word hits with probability (cells overlapping the box) / cells,
+  summed here as the third number, so a rate can be read against what a blind model would score."""
   mentions = parse_caption(' '.join(words))
   boxes = {}  # (colour, shape) -> boxes: the same object may be drawn twice
   for o in objects:
     boxes.setdefault((o['colour'], o['shape']), []).append(o['box'])
-  hits = checked = 0
   rows, cols = grid
+  hits = checked = 0
+  chance = 0.0
   for mention in mentions:
     candidates = boxes.get((mention.colour, mention.shape))
     if not candidates:
       continue
+    overlapping = np.zeros(rows * cols, bool)
+    for box in candidates:
+      overlapping |= _cells_overlapping(box, rows, cols)
     for index in (mention.shape_index, mention.colour_index):
       if index is None or index >= len(alphas):
         continue
-      peak = int(np.argmax(alphas[index]))
-      y, x = (peak // cols + 0.5) / rows, (peak % cols + 0.5) / cols  # the peak cell's centre
-      hits += any(b[0] <= x <= b[2] and b[1] <= y <= b[3] for b in candidates)
+      hits += bool(overlapping[int(np.argmax(alphas[index]))])
       checked += 1
-  return hits, checked
+      chance += float(overlapping.mean())
+  return hits, checked, chance
+
+
+def _cells_overlapping(box: Sequence[float], rows: int, cols: int) -> np.ndarray:
+  """(rows * cols,) bool, row-major: which grid cells share some area with `box` (touching is not enough)."""
+  x0, y0, x1, y1 = box
+  row_edges, col_edges = np.arange(rows + 1) / rows, np.arange(cols + 1) / cols
+  in_rows = (row_edges[:-1] < y1) & (row_edges[1:] > y0)
+  in_cols = (col_edges[:-1] < x1) & (col_edges[1:] > x0)
+  return (in_rows[:, None] & in_cols[None, :]).reshape(-1)

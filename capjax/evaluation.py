@@ -6,7 +6,7 @@ of two workdirs.
 """
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 import dataclasses
 import datetime
 import hashlib
@@ -44,10 +44,36 @@ from capjax.data import builder as builder_lib
 from capjax.data import prepare
 
 
+@dataclasses.dataclass(frozen=True)
+class SplitLoss:
+  """A split's teacher-forced loss: the mean over every real target token, and its sums per target word
+  (vectors indexed by token id) for reading the loss word by word."""
+  mean: float
+  word_loss_sum: np.ndarray
+  word_count: np.ndarray
+
+  def by_word_class(self, vocab: vocab_lib.Vocabulary,
+                    word_classes: Mapping[str, Sequence[str]]) -> dict[str, float]:
+    """Mean loss over the targets that are words of each class, and over all 'other' targets (<END>
+    included); classes none of whose words occur as targets are left out."""
+    index = {w: i for i, w in enumerate(vocab.words)}
+    in_class = np.zeros(len(self.word_count), bool)
+    losses = {}
+    for name, words in word_classes.items():
+      ids = [index[w] for w in words if w in index]
+      in_class[ids] = True
+      count = self.word_count[ids].sum()
+      if count:
+        losses[name] = float(self.word_loss_sum[ids].sum() / count)
+    if self.word_count[~in_class].sum():
+      losses['other'] = float(self.word_loss_sum[~in_class].sum() / self.word_count[~in_class].sum())
+    return losses
+
+
 def split_loss(eval_fn, state, source, vocab, pipeline: input_pipeline.PipelineConfig, *,
-               batch_size: int, mesh) -> float:
-  """Mean next-token loss over every (image, caption) pair of `source` (images or cached features,
-  as `pipeline.from_features` says); `eval_fn` is `state.compile_eval_step(...)`."""
+               batch_size: int, mesh) -> SplitLoss:
+  """Next-token loss over every (image, caption) pair of `source` (images or cached features, as
+  `pipeline.from_features` says); `eval_fn` is `state.compile_eval_step(...)`."""
   batches = input_pipeline.eval_pair_batches(
       source, vocab, pipeline,
       host_batch_size=mesh_lib.per_host_batch_size(batch_size, mesh, 'eval_batch_size'),
@@ -57,7 +83,9 @@ def split_loss(eval_fn, state, source, vocab, pipeline: input_pipeline.PipelineC
   totals = jax.device_get(totals)
   loss_sum = sum(float(t['loss_sum']) for t in totals)
   tokens = sum(float(t['tokens']) for t in totals)
-  return loss_sum / max(tokens, 1.0)
+  word_loss_sum = np.sum([np.asarray(t['word_loss_sum'], np.float64) for t in totals], axis=0)
+  word_count = np.sum([np.asarray(t['word_count'], np.float64) for t in totals], axis=0)
+  return SplitLoss(mean=loss_sum / max(tokens, 1.0), word_loss_sum=word_loss_sum, word_count=word_count)
 
 
 def score_captions(results: list[dict], metrics=('bleu', 'meteor', 'rouge', 'cider')) -> dict:
@@ -235,10 +263,11 @@ def _content_table(content: dict) -> dict:
                                           if k != 'images'}}
   table = {}
   if 'pointing' in content:
-    table['attention pointing (colour and shape words whose attention peak is inside their object)'] = (
+    table['attention pointing (colour and shape words whose peak attention cell overlaps their object)'] = (
         'no word to check' if content['pointing'] is None else
-        f"{content['pointing']:.1%} of {content['pointing_words_checked']} words")
-  overall = {k: v for k, v in content.items() if k not in ('by_object_count', 'pointing',
+        f"{content['pointing']:.1%} of {content['pointing_words_checked']} words "
+        f"(a random cell: {content['pointing_chance']:.1%})")
+  overall = {k: v for k, v in content.items() if k not in ('by_object_count', 'pointing', 'pointing_chance',
                                                               'pointing_words_checked', 'shape_confusion')}
   table['all images'] = row(overall)
   table.update({count: row(rates) for count, rates in content.get('by_object_count', {}).items()})
@@ -260,8 +289,8 @@ def _thumbnail(result: dict, source) -> tuple[np.ndarray, str]:
 
 def content_for_split(results: list[dict], source) -> dict | None:
   """The demo's content score (capjax/content_score.py) when the dataset stores ground truth, else None;
-  with attention in the results, also 'pointing': the share of colour/shape words whose attention peak
-  lies inside the object they name."""
+  with attention in the results, also 'pointing': the share of colour/shape words whose peak attention
+  cell overlaps the object they name, and 'pointing_chance': that share for a peak in a random cell."""
   if not results or content_score.record_objects(source[results[0]['index']]) is None:
     return None  # real datasets have no ground truth: do not read every record to find that out
   objects = [content_score.record_objects(source[r['index']]) for r in results]
@@ -270,12 +299,13 @@ def content_for_split(results: list[dict], source) -> dict | None:
   scores = content_score.content_score([r['caption'] for r in results], objects)
   attended = [(r, o) for r, o in zip(results, objects) if r.get('attention') is not None]
   if attended:
-    hits = checked = 0
+    hits = checked = chance = 0
     for r, o in attended:
       alphas = np.asarray(r['attention'])
-      h, c = content_score.pointing(r['words'], alphas.reshape(len(alphas), -1), alphas.shape[1:], o)
-      hits, checked = hits + h, checked + c
+      h, c, p = content_score.pointing(r['words'], alphas.reshape(len(alphas), -1), alphas.shape[1:], o)
+      hits, checked, chance = hits + h, checked + c, chance + p
     scores['pointing'] = hits / checked if checked else None
+    scores['pointing_chance'] = chance / checked if checked else None
     scores['pointing_words_checked'] = checked
   return scores
 

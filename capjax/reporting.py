@@ -65,12 +65,15 @@ def log_epoch(record: dict, writer) -> None:
   """The epoch's line, and its numbers in TensorBoard (notes such as config changes are in history.json)."""
   numbers = {k: v for k, v in record.items()
              if isinstance(v, (int, float)) and k not in ('epoch', 'step')}
+  by_word_class = record.get('val_loss_by_word', {})
   extras = '  '.join(f'{k} {v:.4f}' for k, v in numbers.items() if k not in ('train_loss', 'val_loss'))
   say(f"epoch {record['epoch']} (step {record['step']}): train loss {record['train_loss']:.4f}  "
       f"val loss {record['val_loss']:.4f}  {extras}".rstrip())
   if writer is not None:
     for key, value in numbers.items():
       writer.add_scalar(f'epoch/{key}', value, record['step'])
+    for word_class, value in by_word_class.items():
+      writer.add_scalar(f'epoch/val_loss_{word_class}_words', value, record['step'])
     writer.flush()
 
 
@@ -93,29 +96,41 @@ def plot_loss_curves(history: list[dict], path: str) -> None:
 def loss_curves_figure(history: list[dict]) -> Figure:
   """Train vs validation loss per epoch, like the seed's figure. An SCST run's train loss is the policy
   gradient surrogate, not a cross-entropy: its figure shows the validation cross-entropy beside the mean
-  sample reward (train) and the validation CIDEr instead."""
+  sample reward (train) and the validation CIDEr instead. When the history has the validation loss by
+  word class (the demo data: colour, shape, size, position words), a panel shows which words the model
+  is still learning."""
   epochs = [h['epoch'] for h in history]
   scst = any('train_reward' in h for h in history)
-  fig = Figure(figsize=(11 if scst else 7, 4.5))
-  axes = fig.subplots(1, 2 if scst else 1)
-  ax = axes[0] if scst else axes
+  word_classes = list(dict.fromkeys(c for h in history for c in h.get('val_loss_by_word', {})))
+  panels = 1 + scst + bool(word_classes)
+  fig = Figure(figsize=(4 + 3.5 * panels if panels > 1 else 7, 4.5))
+  axes = list(np.atleast_1d(fig.subplots(1, panels)))
+  ax = axes.pop(0)
   if not scst:
     ax.plot(epochs, [h['train_loss'] for h in history], marker='o', label='train')
   ax.plot(epochs, [h['val_loss'] for h in history], marker='o', label='validation')
-  ax.set_xlabel('epoch')
   ax.set_ylabel('cross-entropy per token')
-  ax.set_title('Validation cross-entropy (SCST)' if scst else 'Training vs validation loss')
-  ax.grid(alpha=0.3)
-  ax.legend()
+  _finish_panel(ax, 'Validation cross-entropy (SCST)' if scst else 'Training vs validation loss')
   if scst:
-    reward_ax = axes[1]
+    reward_ax = axes.pop(0)
     reward_ax.plot(epochs, [h.get('train_reward', float('nan')) for h in history], marker='o',
                    label='train: mean sample reward (CIDEr-D)')
     reward_ax.plot(epochs, [h.get('CIDEr', float('nan')) for h in history], marker='o',
                    label='validation CIDEr (greedy)')
-    reward_ax.set_xlabel('epoch')
-    reward_ax.set_title('SCST reward')
-    reward_ax.grid(alpha=0.3)
-    reward_ax.legend()
+    _finish_panel(reward_ax, 'SCST reward')
+  if word_classes:
+    words_ax = axes.pop(0)
+    for word_class in word_classes:
+      words_ax.plot(epochs, [h.get('val_loss_by_word', {}).get(word_class, float('nan')) for h in history],
+                    marker='o', label=f'{word_class} words')
+    words_ax.set_ylabel('cross-entropy per word')
+    _finish_panel(words_ax, 'Validation loss by word class')
   fig.tight_layout()
   return fig
+
+
+def _finish_panel(ax, title: str) -> None:
+  ax.set_xlabel('epoch')
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend()

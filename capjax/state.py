@@ -99,16 +99,22 @@ def teacher_forced_logits(model, *, from_features: bool = False) -> LogitsFn:
   return logits_fn
 
 
-def token_cross_entropy(logits, tokens, example_weight=None):
-  """Sum of next-token cross-entropies over real (non-<PAD>) targets, and how many there were.
-  `logits[:, t]` predicts `tokens[:, t + 1]` (see models/captioner.py). tokens (N, K, L) (K captions
-  per image, logits (N * K, T, V)) count every caption's tokens."""
+def _token_losses(logits, tokens, example_weight=None):
+  """(per-token cross-entropy, mask of real targets, targets), each (N * K, T); see token_cross_entropy."""
   tokens = tokens.reshape(-1, tokens.shape[-1])
   targets = tokens[:, 1:]
   mask = (targets != vocab_lib.PAD_ID).astype(jnp.float32)
   if example_weight is not None:
     mask = mask * example_weight[:, None]
   losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+  return losses, mask, targets
+
+
+def token_cross_entropy(logits, tokens, example_weight=None):
+  """Sum of next-token cross-entropies over real (non-<PAD>) targets, and how many there were.
+  `logits[:, t]` predicts `tokens[:, t + 1]` (see models/captioner.py). tokens (N, K, L) (K captions
+  per image, logits (N * K, T, V)) count every caption's tokens."""
+  losses, mask, _ = _token_losses(logits, tokens, example_weight)
   return jnp.sum(losses * mask), jnp.sum(mask)
 
 
@@ -161,10 +167,16 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], image_table: j
 
 
 def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *, logits_fn: LogitsFn) -> dict:
-  """Summed loss and token count; examples with weight 0 (batch padding) do not count."""
+  """Summed loss and token count, also per target word (vectors over the vocabulary, so a split's loss
+  can be read word by word: which words the model has not learnt); examples with weight 0 (batch
+  padding) do not count."""
   logits = logits_fn(state.variables, batch, train=False)
-  loss_sum, count = token_cross_entropy(logits, batch['tokens'], batch['weight'])
-  return {'loss_sum': loss_sum, 'tokens': count}
+  losses, mask, targets = _token_losses(logits, batch['tokens'], batch['weight'])
+  vocab_size = logits.shape[-1]
+  word_loss_sum = jnp.zeros(vocab_size, jnp.float32).at[targets.reshape(-1)].add((losses * mask).reshape(-1))
+  word_count = jnp.zeros(vocab_size, jnp.float32).at[targets.reshape(-1)].add(mask.reshape(-1))
+  return {'loss_sum': jnp.sum(losses * mask), 'tokens': jnp.sum(mask), 'word_loss_sum': word_loss_sum,
+          'word_count': word_count}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import ml_collections
 import optax
 
 from capjax import checkpointing
+from capjax import content_score
 from capjax import device_augment
 from capjax import errors
 from capjax import evaluation
@@ -77,7 +78,7 @@ class _Run:
             'epoch_loss_steps': self.epoch_loss_steps, 'nonfinite_steps': self.nonfinite_steps,
             'epoch_reward_sum': self.epoch_reward_sum}
 
-  def val_loss(self, state) -> float:
+  def val_loss(self, state) -> evaluation.SplitLoss:
     return evaluation.split_loss(self.eval_fn, state, self.loss_sources['validation'], self.vocab,
                                  self.pipeline, batch_size=self.config.train.eval_batch_size,
                                  mesh=self.mesh)
@@ -367,9 +368,12 @@ def _epoch_end(run: _Run, state, epoch: int, data_state) -> None:
   failing metric costs a warning and a missing value, never the epoch."""
   cfg = run.config
   step = int(state.step)
+  val_loss = run.val_loss(state)
   record = {'epoch': epoch, 'step': step,
             'train_loss': run.epoch_loss_sum / max(run.epoch_loss_steps, 1) if run.epoch_loss_steps
-            else float('nan'), 'val_loss': run.val_loss(state)}
+            else float('nan'), 'val_loss': val_loss.mean}
+  if cfg.data.name == 'shapes':  # the demo's captions are about known words: which has it not learnt?
+    record['val_loss_by_word'] = val_loss.by_word_class(run.vocab, content_score.WORD_CLASSES)
   if _objective(cfg) == 'scst':  # 'train_loss' is then SCST's surrogate loss; the reward says more
     record['train_reward'] = (run.epoch_reward_sum / run.epoch_loss_steps if run.epoch_loss_steps
                               else float('nan'))

@@ -69,15 +69,27 @@ def test_objects_are_stored_with_boxes_around_the_drawn_shape():
     assert abs((x0 + x1) / 2 - expected_x) < 0.06
 
 
-def test_pointing_counts_peaks_inside_the_named_objects_box():
+def test_pointing_counts_peak_cells_overlapping_the_named_objects_box():
   objects = [{'colour': 'red', 'shape': 'square', 'position': 'left', 'size': 'big', 'box': [0, 0, .5, 1]}]
   words = ['a', 'red', 'square', 'on', 'the', 'left']
   alphas = np.zeros((len(words), 4))  # a 2x2 grid: cells (0,0) (0,1) (1,0) (1,1)
   alphas[:, 0] = 1  # peak in the top-left cell: inside the box
-  assert content_score.pointing(words, alphas, (2, 2), objects) == (2, 2)
-  alphas[2] = [0, 1, 0, 0]  # 'square' looks at the top-right cell: outside
-  assert content_score.pointing(words, alphas, (2, 2), objects) == (1, 2)
-  assert content_score.pointing(['a', 'blue', 'circle'], alphas[:3], (2, 2), objects) == (0, 0)
+  # The box covers the left two of four cells: a random cell hits half the time, 2 words -> 1.0 expected.
+  assert content_score.pointing(words, alphas, (2, 2), objects) == (2, 2, 1.0)
+  alphas[2] = [0, 1, 0, 0]  # 'square' looks at the top-right cell: it only touches the box's edge
+  assert content_score.pointing(words, alphas, (2, 2), objects) == (1, 2, 1.0)
+  assert content_score.pointing(['a', 'blue', 'circle'], alphas[:3], (2, 2), objects) == (0, 0, 0.0)
+
+
+def test_pointing_on_a_coarse_grid_counts_the_cell_not_its_centre():
+  # A small object in the top-left quarter, away from that cell's centre (0.25, 0.25).
+  objects = [{'colour': 'red', 'shape': 'circle', 'position': 'left', 'size': 'small',
+              'box': [0.05, 0.05, 0.2, 0.2]}]
+  alphas = np.array([[0.7, 0.1, 0.1, 0.1]] * 3)
+  assert content_score.pointing(['a', 'red', 'circle'], alphas, (2, 2), objects) == (2, 2, 0.5)
+  fine = np.zeros((3, 16))
+  fine[:, 5] = 1  # a 4x4 grid, cell (1, 1) = [0.25, 0.5]^2: beside the box
+  assert content_score.pointing(['a', 'red', 'circle'], fine, (4, 4), objects) == (0, 2, 2 / 16)
 
 
 def test_shape_confusion_counts_named_shapes_by_true_size_and_shape():

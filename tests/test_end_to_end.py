@@ -34,6 +34,8 @@ def test_training_writes_everything_eval_needs(trained):
   history = json.load(open(os.path.join(workdir, 'history.json')))
   assert [h['epoch'] for h in history] == [1, 2]
   assert all('Bleu_4' in h and 'CIDEr' in h for h in history)
+  # The demo data's validation loss by word class (which words the model has not learnt yet).
+  assert all({'colour', 'shape', 'other'} <= set(h['val_loss_by_word']) for h in history), history
   assert 0.0 <= summary.metrics['Bleu_4'] <= 1.0
   assert len(summary.captions) == 16
 

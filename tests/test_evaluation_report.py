@@ -298,6 +298,7 @@ def test_attention_maps_reach_the_report_and_the_content_score(tmp_path):
   assert [m['word'] for m in shown[0]['attention']] == shown[0]['caption'].split()
   assert result.record['content']['pointing'] == 1.0  # 'red' and 'circle' of the 3 correct captions
   assert result.record['content']['pointing_words_checked'] == 6
+  assert result.record['content']['pointing_chance'] == 4 / 16  # the box [0, .5]^2 covers 4 of 16 cells
   page = report.render_report(result.page)
   sections = result.page['sections']
   maps = sum(len(result.page['examples'][i]['attention']) for shown in sections.values() for i in shown)

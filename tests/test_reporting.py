@@ -1,5 +1,6 @@
 """The loss-curve figure: cross-entropy runs plot train vs validation loss; SCST runs, whose train loss is
-a policy-gradient surrogate, plot validation cross-entropy and the reward instead."""
+a policy-gradient surrogate, plot validation cross-entropy and the reward instead; demo runs add their
+validation loss by word class."""
 
 from capjax import reporting
 
@@ -25,3 +26,12 @@ def test_scst_run_does_not_plot_its_surrogate_loss_as_cross_entropy(tmp_path):
   path = tmp_path / 'loss_curves.png'
   reporting.plot_loss_curves(history, str(path))
   assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_demo_run_plots_its_validation_loss_by_word_class():
+  history = [{'epoch': e, 'step': 10 * e, 'train_loss': 2.0 / e, 'val_loss': 2.1 / e,
+              'val_loss_by_word': {'colour': 1.0 / e, 'shape': 1.1, 'other': 0.5 / e}} for e in (1, 2, 3)]
+  loss_ax, words_ax = reporting.loss_curves_figure(history).axes
+  assert _lines(loss_ax) == ['train', 'validation']
+  assert _lines(words_ax) == ['colour words', 'shape words', 'other words']
+  assert list(words_ax.get_lines()[1].get_ydata()) == [1.1, 1.1, 1.1]

@@ -1,11 +1,14 @@
 """The sharded train step: equality with one device, global BatchNorm, loss that falls, resume."""
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
+from capjax import evaluation
 from capjax import mesh as mesh_lib
 from capjax import state as state_lib
 from capjax import train
@@ -88,6 +91,32 @@ def test_padding_is_masked_and_weighted():
   np.testing.assert_allclose(loss_sum, 5 * np.log(5), rtol=1e-6)
   _, weighted = state_lib.token_cross_entropy(logits, tokens, jnp.array([1.0, 0.0]))
   assert float(weighted) == 2
+
+
+def test_eval_loss_is_also_summed_per_target_word():
+  logits = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 6))
+  tokens = jnp.array([[1, 4, 5, 2], [1, 4, 2, 0]])  # targets: 4, 5, <END> and 4, <END>, <PAD>
+  batch = {'tokens': tokens, 'weight': jnp.array([1.0, 1.0])}
+  out = state_lib.eval_step(types.SimpleNamespace(variables=None), batch,
+                            logits_fn=lambda variables, batch, train: logits)
+  nll = -np.asarray(jax.nn.log_softmax(logits))
+  expected = np.zeros(6)
+  for row, t, word in [(0, 0, 4), (0, 1, 5), (0, 2, 2), (1, 0, 4), (1, 1, 2)]:
+    expected[word] += nll[row, t, word]
+  np.testing.assert_allclose(out['word_loss_sum'], expected, rtol=1e-5)
+  np.testing.assert_array_equal(out['word_count'], [0, 0, 2, 0, 2, 1])
+  np.testing.assert_allclose(np.sum(out['word_loss_sum']), out['loss_sum'], rtol=1e-5)
+  assert float(out['tokens']) == 5
+
+
+def test_split_loss_by_word_class():
+  vocab = vocab_lib.Vocabulary((*vocab_lib.SPECIALS, 'red', 'blue', 'circle', 'on'))
+  loss = evaluation.SplitLoss(mean=0.0, word_loss_sum=np.array([0, 0, 1.0, 0, 3.0, 1.0, 6.0, 2.0]),
+                              word_count=np.array([0, 0, 2, 0, 2, 2, 3, 2.0]))
+  by_class = loss.by_word_class(vocab, {'colour': ('red', 'blue', 'green'), 'shape': ('circle',),
+                                        'size': ('big',)})
+  # colour: (3 + 1) / (2 + 2); shape: 6 / 3; no 'size' target; other: <END> and 'on', (1 + 2) / (2 + 2)
+  assert by_class == {'colour': 1.0, 'shape': 2.0, 'other': 0.75}
 
 
 def _records(num_train=48):
