@@ -67,8 +67,9 @@ def log_epoch(record: dict, writer) -> None:
              if isinstance(v, (int, float)) and k not in ('epoch', 'step')}
   by_word_class = record.get('val_loss_by_word', {})
   extras = '  '.join(f'{k} {v:.4f}' for k, v in numbers.items() if k not in ('train_loss', 'val_loss'))
+  by_class = ', '.join(f'{k} {v:.3f}' for k, v in by_word_class.items())
   say(f"epoch {record['epoch']} (step {record['step']}): train loss {record['train_loss']:.4f}  "
-      f"val loss {record['val_loss']:.4f}  {extras}".rstrip())
+      f"val loss {record['val_loss']:.4f}{f' ({by_class} words)' if by_class else ''}  {extras}".rstrip())
   if writer is not None:
     for key, value in numbers.items():
       writer.add_scalar(f'epoch/{key}', value, record['step'])

@@ -1,7 +1,8 @@
 """Demo: the seed model (ResNet50 + LSTM) on the built-in procedural shapes data, CPU-sized.
 
   python launch.py                      # same as --config=configs/demo.py --workdir=workdirs/demo
-Trains at 48 px for a few minutes on a laptop CPU, then prints held-out captions and BLEU-4.
+Trains at 64 px (images stored at 96 px) for about ten minutes on a laptop CPU, then prints held-out
+captions, BLEU-4/CIDEr and the content score, and writes the test report.
 """
 
 from configs import default
