@@ -83,8 +83,9 @@ def split_loss(eval_fn, state, source, vocab, pipeline: input_pipeline.PipelineC
   totals = jax.device_get(totals)
   loss_sum = sum(float(t['loss_sum']) for t in totals)
   tokens = sum(float(t['tokens']) for t in totals)
-  word_loss_sum = np.sum([np.asarray(t['word_loss_sum'], np.float64) for t in totals], axis=0)
-  word_count = np.sum([np.asarray(t['word_count'], np.float64) for t in totals], axis=0)
+  empty = [np.zeros(len(vocab))]  # a split with no pairs: no words either
+  word_loss_sum = np.sum([np.asarray(t['word_loss_sum'], np.float64) for t in totals] or empty, axis=0)
+  word_count = np.sum([np.asarray(t['word_count'], np.float64) for t in totals] or empty, axis=0)
   return SplitLoss(mean=loss_sum / max(tokens, 1.0), word_loss_sum=word_loss_sum, word_count=word_count)
 
 

@@ -172,9 +172,9 @@ def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *, logits_fn: L
   padding) do not count."""
   logits = logits_fn(state.variables, batch, train=False)
   losses, mask, targets = _token_losses(logits, batch['tokens'], batch['weight'])
-  vocab_size = logits.shape[-1]
-  word_loss_sum = jnp.zeros(vocab_size, jnp.float32).at[targets.reshape(-1)].add((losses * mask).reshape(-1))
-  word_count = jnp.zeros(vocab_size, jnp.float32).at[targets.reshape(-1)].add(mask.reshape(-1))
+  per_word = jnp.zeros(logits.shape[-1], jnp.float32).at[targets.reshape(-1)]
+  word_loss_sum = per_word.add((losses * mask).reshape(-1))
+  word_count = per_word.add(mask.reshape(-1))
   return {'loss_sum': jnp.sum(losses * mask), 'tokens': jnp.sum(mask), 'word_loss_sum': word_loss_sum,
           'word_count': word_count}
 
