@@ -1,13 +1,15 @@
 r"""Where an SCST step's time goes: sampling (device), the CIDEr-D reward (host), the update (device).
 
 The demo config's SCST stage (configs/demo_scst.py: the demo's seed model at its image size, batch 32,
-5 samples per image, greedy baseline) on the demo data, one process. Each step is `capjax.scst.ScstStep` with
+5 samples per image, its trunk mode and baseline unless --encoder_mode/--baseline say otherwise) on the
+demo data, one process. Each step is `capjax.scst.ScstStep` with
 `timed = True`, which waits for the update too and records the three parts' seconds; the first
 `--warmup` steps (compilation) are not counted. A cross-entropy step on the same batches is timed beside
 it for scale.
 
   python -m benchmarks.scst_step                                    # random init, ~3 min here
   python -m benchmarks.scst_step --init_from=workdirs/demo          # from the trained demo model
+  python -m benchmarks.scst_step --init_from=workdirs/demo --encoder_mode=train --baseline=greedy
 
 From random parameters samples rarely end, so every sample runs all max_caption_len words: the reward
 then scores the longest captions it ever will (its worst case); a trained model (--init_from) gives the
@@ -45,6 +47,8 @@ def parse_args():
   parser.add_argument('--init_from', default='', help='a trained demo workdir (its best checkpoint)')
   parser.add_argument('--batch', type=int, default=0, help='images per step; 0: the config\'s')
   parser.add_argument('--samples', type=int, default=0, help='samples per image; 0: the config\'s')
+  parser.add_argument('--encoder_mode', default='', help="'train' or 'frozen'; empty: the config's")
+  parser.add_argument('--baseline', default='', help="'greedy' or 'mean'; empty: the config's")
   parser.add_argument('--warmup', type=int, default=2)
   parser.add_argument('--steps', type=int, default=8)
   parser.add_argument('--output', default=None, help='default benchmarks/results/scst_step.json')
@@ -59,6 +63,10 @@ def main():
     config.train.batch_size = args.batch
   if args.samples:
     config.train.scst_samples = args.samples
+  if args.encoder_mode:
+    config.model.encoder_mode = args.encoder_mode
+  if args.baseline:
+    config.train.scst_baseline = args.baseline
   before = harness.idle_check()
   print(f'before the run: {harness.describe_load(before)}')
   splits = prepare.open_dataset(config.data)
@@ -70,7 +78,8 @@ def main():
                                        min_count=config.data.min_word_count)
     variables, init_step = None, None
   model = captioner.build_captioner(config.model, len(vocab))
-  tx = state_lib.make_optimizer(config.train, state_lib.make_schedule(config.train, 10, 100), 'train')
+  tx = state_lib.make_optimizer(config.train, state_lib.make_schedule(config.train, 10, 100),
+                                config.model.encoder_mode)
   state = state_lib.create_train_state(model, tx, 0, config.data.image_size, config.data.max_caption_len,
                                        mesh)
   if variables is not None:
@@ -110,7 +119,8 @@ def main():
            'max_ms': 1e3 * float(np.max(v)), 'of_scst_step': float(np.median(v)) * 1e3 / scst_ms}
           for name, v in parts.items()]
   harness.print_table(rows, ['part', 'median_ms', 'min_ms', 'max_ms', 'of_scst_step'])
-  print(f'\n{config.train.batch_size} images x {cfg.num_samples} samples per step, mean sample length '
+  print(f'\n{config.train.batch_size} images x {cfg.num_samples} samples per step, trunk '
+        f'{config.model.encoder_mode}, {cfg.baseline} baseline, mean sample length '
         f'{np.mean(lengths):.1f} words, parameters: '
         f"{f'{args.init_from} (step {init_step})' if args.init_from else 'random init'}")
   print(f'{harness.machine_info()}\n{harness.describe_load(load)}')
@@ -118,6 +128,7 @@ def main():
       'benchmark': 'scst_step', 'argv': sys.argv, 'machine': harness.machine_info(),
       'load_before': before, 'load_during': load, 'settings': vars(args),
       'images_per_step': config.train.batch_size, 'samples_per_image': cfg.num_samples,
+      'encoder_mode': config.model.encoder_mode, 'baseline': cfg.baseline,
       'mean_sample_len': float(np.mean(lengths)), 'rows': rows})
 
 
