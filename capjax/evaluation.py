@@ -65,8 +65,9 @@ class SplitLoss:
       count = self.word_count[ids].sum()
       if count:
         losses[name] = float(self.word_loss_sum[ids].sum() / count)
-    if self.word_count[~in_class].sum():
-      losses['other'] = float(self.word_loss_sum[~in_class].sum() / self.word_count[~in_class].sum())
+    other_count = self.word_count[~in_class].sum()
+    if other_count:
+      losses['other'] = float(self.word_loss_sum[~in_class].sum() / other_count)
     return losses
 
 
