@@ -1,0 +1,206 @@
+"""Why the demo's seed captioner does not name shapes: can the same ResNet trunk learn shape at all?
+
+  python -m benchmarks.shape_learning [--width=16] [--steps=250] [--variants=classifier,caption,...]
+
+The demo's seed model learns colours and positions but its shape-word loss stays at chance (ln 3) for
+its whole budget (README "Decoders"). This trains capjax's own modules on the demo's scenes
+(`capjax.data.shapes.render_example`, drawn at 96 px and resized to 64 px, in memory) with capjax's
+optimizer (AdamW + clipping, warmup/cosine, the demo's learning rate), from the same random init, and
+reports held-out shape accuracy every `--eval_every` steps, for each variant:
+
+  classifier           ResNet trunk -> global average pool -> Dense(3), cross-entropy on the true
+                       shape (single-object scenes): what a direct shape signal teaches the trunk.
+  caption              the seed Captioner, teacher-forced on all five captions (the demo's loss).
+  caption_shape_words  the same captioner and captions, the loss on shape-word targets only: how
+                       fast shape flows through the image vector -> LSTM path with nothing competing.
+
+Caption variants are scored on the single-object scenes of the held-out set: at each target position
+whose true word is a shape, the argmax over the three shape words' logits (teacher forcing) against
+the truth; chance is 1/3. Scenes with two objects train the caption variants as in the demo.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from benchmarks import harness  # noqa: E402
+from capjax import state as state_lib  # noqa: E402
+from capjax import vocab as vocab_lib  # noqa: E402
+from capjax.data import shapes  # noqa: E402
+from capjax.models import captioner  # noqa: E402
+from capjax.models import resnet  # noqa: E402
+
+VARIANTS = ('classifier', 'caption', 'caption_shape_words')
+DRAW_SIZE = 96  # the demo stores its images at 96 px and trains at 64
+
+
+def render_scenes(num: int, seed: int, image_size: int) -> dict:
+  """`num` demo scenes: uint8 images (N, S, S, 3), their five captions, and the shape index of
+  single-object scenes (-1 for two objects)."""
+  rng = np.random.default_rng([seed, 7])
+  images, captions, shape_ids = [], [], []
+  for _ in range(num):
+    image, scene_captions, objects = shapes.render_example(rng, DRAW_SIZE)
+    images.append(np.asarray(image.resize((image_size, image_size), Image.BILINEAR)))
+    captions.append(scene_captions)
+    shape_ids.append(shapes.SHAPES.index(objects[0]['shape']) if len(objects) == 1 else -1)
+  return {'image': np.stack(images), 'captions': captions, 'shape': np.asarray(shape_ids, np.int32)}
+
+
+class ShapeClassifier(nn.Module):
+  """The captioner's trunk and pooling with a 3-way shape head instead of the caption decoder."""
+  stage_sizes: tuple
+  width: int
+
+  @nn.compact
+  def __call__(self, images, *, train: bool):
+    features = resnet.ResNet(self.stage_sizes, self.width, name='trunk')(
+        captioner.normalize_images(images, jnp.float32), train=train)
+    return nn.Dense(len(shapes.SHAPES), name='head')(jnp.mean(features, axis=(1, 2)))
+
+
+def shape_word_ids(vocab: vocab_lib.Vocabulary) -> np.ndarray:
+  return np.asarray([vocab.encode(word, 3)[1] for word in shapes.SHAPES], np.int32)
+
+
+def shape_targets(tokens: jax.Array, shape_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """For teacher-forced targets `tokens[..., 1:]` flattened to (N * K, T): a mask of the positions
+  whose target is a shape word, and that word's index in `shapes.SHAPES` (0 elsewhere)."""
+  targets = tokens.reshape(-1, tokens.shape[-1])[:, 1:]
+  matches = targets[..., None] == shape_ids
+  return jnp.any(matches, axis=-1), jnp.argmax(matches, axis=-1)
+
+
+def train_config(learning_rate: float) -> ml_collections.ConfigDict:
+  """The optimizer settings of configs/default.py (the demo overrides only the learning rate)."""
+  from configs import default  # pylint: disable=g-import-not-at-top
+  config = default.get_config().train
+  config.learning_rate = learning_rate
+  return config
+
+
+def run_variant(variant: str, train: dict, test: dict, vocab, args) -> list[dict]:
+  stages = tuple(int(s) for s in args.stage_sizes.split(','))
+  max_len = args.max_caption_len
+  ids = jnp.asarray(shape_word_ids(vocab))
+  single = np.flatnonzero(train['shape'] >= 0)
+  test_single = np.flatnonzero(test['shape'] >= 0)
+  if variant == 'classifier':
+    model = ShapeClassifier(stages, args.width)
+    variables = model.init(jax.random.PRNGKey(args.seed), train['image'][:2], train=False)
+  else:
+    model = captioner.Captioner(len(vocab), stages, args.width)
+    train['tokens'] = np.stack([[vocab.encode(c, max_len) for c in cs] for cs in train['captions']])
+    test['tokens'] = np.stack([[vocab.encode(c, max_len) for c in cs] for cs in test['captions']])
+    variables = model.init(jax.random.PRNGKey(args.seed), train['image'][:2],
+                           train['tokens'][:2, :, :-1], train=False)
+  train_cfg = train_config(args.learning_rate)
+  steps_per_epoch = max(1, len(single if variant == 'classifier' else train['image']) // args.batch_size)
+  tx = state_lib.make_optimizer(train_cfg, state_lib.make_schedule(train_cfg, steps_per_epoch, args.steps),
+                                'train')
+  params, batch_stats = variables['params'], variables['batch_stats']
+  opt_state = tx.init(params)
+
+  def loss_fn(params, batch_stats, images, labels):
+    out, updates = model.apply(
+        {'params': params, 'batch_stats': batch_stats}, images,
+        *(() if variant == 'classifier' else (labels[:, :, :-1],)), train=True, mutable=['batch_stats'])
+    if variant == 'classifier':
+      return optax.softmax_cross_entropy_with_integer_labels(out, labels).mean(), updates
+    if variant == 'caption':
+      loss_sum, count = state_lib.token_cross_entropy(out, labels)
+      return loss_sum / count, updates
+    is_shape, _ = shape_targets(labels, ids)
+    targets = labels.reshape(-1, labels.shape[-1])[:, 1:]
+    losses = optax.softmax_cross_entropy_with_integer_labels(out, targets)
+    return jnp.sum(losses * is_shape) / jnp.maximum(jnp.sum(is_shape), 1), updates
+
+  @jax.jit
+  def step(params, batch_stats, opt_state, images, labels):
+    (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch_stats, images, labels)
+    deltas, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, deltas), updates['batch_stats'], opt_state, loss
+
+  @jax.jit
+  def correct(params, batch_stats, images, labels, true_shape):
+    """(right, counted) shape predictions on single-object scenes."""
+    variables = {'params': params, 'batch_stats': batch_stats}
+    if variant == 'classifier':
+      return jnp.sum(jnp.argmax(model.apply(variables, images, train=False), -1) == true_shape), len(images)
+    logits = model.apply(variables, images, labels[:, :, :-1], train=False)
+    is_shape, which = shape_targets(labels, ids)
+    predicted = jnp.argmax(logits[..., ids], axis=-1)
+    return jnp.sum((predicted == which) & is_shape), jnp.sum(is_shape)
+
+  def accuracy():
+    right = counted = 0
+    for start in range(0, len(test_single), 100):
+      rows = test_single[start:start + 100]
+      labels = test['shape'][rows] if variant == 'classifier' else test['tokens'][rows]
+      r, c = correct(params, batch_stats, test['image'][rows], labels, test['shape'][rows])
+      right, counted = right + int(r), counted + int(c)
+    return right / max(counted, 1)
+
+  pool = single if variant == 'classifier' else np.arange(len(train['image']))
+  rng = np.random.default_rng(args.seed)
+  curve, losses, start = [], [], time.perf_counter()
+  for i in range(1, args.steps + 1):
+    rows = rng.choice(pool, args.batch_size, replace=False)
+    labels = train['shape'][rows] if variant == 'classifier' else train['tokens'][rows]
+    params, batch_stats, opt_state, loss = step(params, batch_stats, opt_state, train['image'][rows], labels)
+    losses.append(float(loss))
+    if i % args.eval_every == 0 or i == args.steps:
+      point = {'variant': variant, 'step': i, 'train_loss': float(np.mean(losses[-args.eval_every:])),
+               'test_shape_accuracy': accuracy(), 'seconds': time.perf_counter() - start}
+      curve.append(point)
+      print(f"{variant:20s} step {i:4d}  train loss {point['train_loss']:.3f}  held-out shapes right "
+            f"{point['test_shape_accuracy']:.1%}  ({point['seconds']:.0f} s)", flush=True)
+  return curve
+
+
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--variants', default=','.join(VARIANTS))
+  parser.add_argument('--width', type=int, default=16, help='ResNet width (64: ResNet50 proper)')
+  parser.add_argument('--stage_sizes', default='3,4,6,3')
+  parser.add_argument('--image_size', type=int, default=64)
+  parser.add_argument('--steps', type=int, default=250)
+  parser.add_argument('--batch_size', type=int, default=32)
+  parser.add_argument('--learning_rate', type=float, default=2e-3, help="the demo's")
+  parser.add_argument('--num_train', type=int, default=1000)
+  parser.add_argument('--num_test', type=int, default=300)
+  parser.add_argument('--max_caption_len', type=int, default=20)
+  parser.add_argument('--eval_every', type=int, default=50)
+  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--output', default=harness.default_output(__file__))
+  return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  variants = args.variants.split(',')
+  unknown = sorted(set(variants) - set(VARIANTS))
+  if unknown:
+    raise SystemExit(f'--variants: unknown {unknown}; expected some of {VARIANTS}')
+  train, test = render_scenes(args.num_train, 0, args.image_size), render_scenes(args.num_test, 1, args.image_size)
+  vocab = vocab_lib.build_vocabulary((c for cs in train['captions'] for c in cs), min_count=1)
+  curves = {v: run_variant(v, dict(train), dict(test), vocab, args) for v in variants}
+  payload = {'args': vars(args), 'machine': harness.machine_info(), 'curves': curves}
+  if args.output:
+    harness.write_json(args.output, payload)
+  return payload
+
+
+if __name__ == '__main__':
+  main()
