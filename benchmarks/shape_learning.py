@@ -193,7 +193,8 @@ def main(argv=None) -> dict:
   unknown = sorted(set(variants) - set(VARIANTS))
   if unknown:
     raise SystemExit(f'--variants: unknown {unknown}; expected some of {VARIANTS}')
-  train, test = render_scenes(args.num_train, 0, args.image_size), render_scenes(args.num_test, 1, args.image_size)
+  train = render_scenes(args.num_train, 0, args.image_size)
+  test = render_scenes(args.num_test, 1, args.image_size)
   vocab = vocab_lib.build_vocabulary((c for cs in train['captions'] for c in cs), min_count=1)
   curves = {v: run_variant(v, dict(train), dict(test), vocab, args) for v in variants}
   payload = {'args': vars(args), 'machine': harness.machine_info(), 'curves': curves}

@@ -1,4 +1,4 @@
-r"""README's attention-map picture, made the way a user makes one: `launch.py --mode=caption --attention_maps`.
+r"""README's attention-map picture, made as a user makes one: `launch.py --mode=caption --attention_maps`.
 
   python launch.py --config=configs/demo_attention.py --workdir=workdirs/demo_attention   # once
   python docs/attention_figure.py                     # -> docs/images/attention_maps.png

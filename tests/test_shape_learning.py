@@ -13,7 +13,8 @@ def test_shape_targets_mark_exactly_the_shape_words_and_name_them():
   tokens = jnp.asarray([[vocab.encode(c, 6) for c in pair] for pair in captions])
   is_shape, which = shape_learning.shape_targets(tokens, jnp.asarray(shape_learning.shape_word_ids(vocab)))
   # Targets are tokens[..., 1:]: 'a' 'red' 'square' <END> <PAD> | 'a' 'triangle' 'left' <END> <PAD> | ...
-  np.testing.assert_array_equal(is_shape, [[0, 0, 1, 0, 0], [0, 1, 0, 0, 0], [0, 1, 0, 0, 0], [0, 0, 0, 0, 0]])
+  np.testing.assert_array_equal(
+      is_shape, [[0, 0, 1, 0, 0], [0, 1, 0, 0, 0], [0, 1, 0, 0, 0], [0, 0, 0, 0, 0]])
   assert [int(which[0, 2]), int(which[1, 1]), int(which[2, 1])] == [1, 2, 0]  # square, triangle, circle
 
 
