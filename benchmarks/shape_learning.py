@@ -13,6 +13,9 @@ reports held-out shape accuracy every `--eval_every` steps, for each variant:
   caption              the seed Captioner, teacher-forced on all five captions (the demo's loss).
   caption_shape_words  the same captioner and captions, the loss on shape-word targets only: how
                        fast shape flows through the image vector -> LSTM path with nothing competing.
+  caption_word_loss    the demo's loss plus the captioner's auxiliary word-presence loss
+                       (config.model.word_loss_weight, --word_loss_weight): a head on the image
+                       vector predicts which words the image's captions use.
 
 Caption variants are scored on the single-object scenes of the held-out set: at each target position
 whose true word is a shape, the argmax over the three shape words' logits (teacher forcing) against
@@ -41,7 +44,7 @@ from capjax.data import shapes  # noqa: E402
 from capjax.models import captioner  # noqa: E402
 from capjax.models import resnet  # noqa: E402
 
-VARIANTS = ('classifier', 'caption', 'caption_shape_words')
+VARIANTS = ('classifier', 'caption', 'caption_shape_words', 'caption_word_loss')
 DRAW_SIZE = 96  # the demo stores its images at 96 px and trains at 64
 
 
@@ -99,7 +102,8 @@ def run_variant(variant: str, train: dict, test: dict, vocab, args) -> list[dict
     model = ShapeClassifier(stages, args.width)
     variables = model.init(jax.random.PRNGKey(args.seed), train['image'][:2], train=False)
   else:
-    model = captioner.Captioner(len(vocab), stages, args.width)
+    word_loss_weight = args.word_loss_weight if variant == 'caption_word_loss' else 0.0
+    model = captioner.Captioner(len(vocab), stages, args.width, word_loss_weight=word_loss_weight)
     variables = model.init(jax.random.PRNGKey(args.seed), train['image'][:2],
                            train['tokens'][:2, :, :-1], train=False)
   train_cfg = train_config(args.learning_rate)
@@ -112,12 +116,14 @@ def run_variant(variant: str, train: dict, test: dict, vocab, args) -> list[dict
   def loss_fn(params, batch_stats, images, labels):
     out, updates = model.apply(
         {'params': params, 'batch_stats': batch_stats}, images,
-        *(() if variant == 'classifier' else (labels[:, :, :-1],)), train=True, mutable=['batch_stats'])
+        *(() if variant == 'classifier' else (labels[:, :, :-1],)), train=True,
+        mutable=['batch_stats', 'losses'])
     if variant == 'classifier':
       return optax.softmax_cross_entropy_with_integer_labels(out, labels).mean(), updates
-    if variant == 'caption':
+    if variant in ('caption', 'caption_word_loss'):
       loss_sum, count = state_lib.token_cross_entropy(out, labels)
-      return loss_sum / count, updates
+      extra = sum(jnp.sum(term) for term in jax.tree.leaves(updates.get('losses', {})))
+      return loss_sum / count + extra, updates
     is_shape, _ = shape_targets(labels, ids)
     targets = labels.reshape(-1, labels.shape[-1])[:, 1:]
     losses = optax.softmax_cross_entropy_with_integer_labels(out, targets)
@@ -179,6 +185,8 @@ def parse_args(argv=None):
   parser.add_argument('--num_test', type=int, default=300)
   parser.add_argument('--max_caption_len', type=int, default=20)
   parser.add_argument('--eval_every', type=int, default=50)
+  parser.add_argument('--word_loss_weight', type=float, default=1.0,
+                      help="caption_word_loss's weight of the word-presence loss")
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--output', default=harness.default_output(__file__))
   return parser.parse_args(argv)

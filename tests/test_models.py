@@ -86,3 +86,54 @@ def test_lstm_starts_with_forget_gate_bias_one():
   bias = np.asarray(variables['params']['decoder']['lstm']['input']['bias']).reshape(4, 16)
   np.testing.assert_array_equal(bias[1], 1.0)  # gate order i, f, g, o
   np.testing.assert_array_equal(bias[[0, 2, 3]], 0.0)
+
+
+def test_words_present_marks_each_images_caption_words_but_no_special_token():
+  # Two images x two captions of decoder inputs (<START> w ... <END> <PAD>); ids 0-3 are special.
+  tokens = jnp.asarray([[[1, 5, 6, 2, 0], [1, 7, 3, 2, 0]],
+                        [[1, 5, 5, 5, 2], [1, 2, 0, 0, 0]]])
+  present = np.asarray(captioner.words_present(tokens, 9))
+  np.testing.assert_array_equal(present, [[0, 0, 0, 0, 0, 1, 1, 1, 0],
+                                          [0, 0, 0, 0, 0, 1, 0, 0, 0]])
+
+
+def test_word_presence_loss_is_sigmoid_cross_entropy_per_present_word():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(3, 12)).astype(np.float32)
+  tokens = rng.integers(0, 12, size=(3, 2, 7))
+  present = np.zeros((3, 12))
+  for image in range(3):
+    for word in tokens[image].ravel():
+      present[image, word] = 1.0 if word >= 4 else 0.0
+  probs = 1 / (1 + np.exp(-logits.astype(np.float64)))
+  expected = -(present * np.log(probs) + (1 - present) * np.log(1 - probs))[:, 4:].sum() / present.sum()
+  np.testing.assert_allclose(captioner.word_presence_loss(jnp.asarray(logits), jnp.asarray(tokens)),
+                             expected, rtol=1e-5)
+
+
+def test_word_loss_trains_the_encoder_through_a_head_that_decoding_never_uses():
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.integers(0, 255, (4, 32, 32, 3)), jnp.uint8)
+  tokens = jnp.asarray(rng.integers(1, 20, (4, 2, 6)), jnp.int32)
+  plain, with_words = _tiny(), _tiny(word_loss_weight=2.0)
+  variables = with_words.init(jax.random.PRNGKey(0), images, tokens, train=False)
+  assert variables['params']['word_head']['kernel'].shape == (16, 20)
+  # Without the head's parameters the two models are the same captioner: equal logits, no loss sown.
+  shared = {**variables, 'params': {k: v for k, v in variables['params'].items() if k != 'word_head'}}
+  np.testing.assert_allclose(with_words.apply(variables, images, tokens, train=False),
+                             plain.apply(shared, images, tokens, train=False), rtol=1e-6)
+  _, updates = with_words.apply(variables, images, tokens, train=False, mutable=['losses'])
+  assert 'losses' not in updates or not updates['losses']
+
+  def word_loss(params):
+    _, updates = with_words.apply({**variables, 'params': params}, images, tokens, train=True,
+                                  mutable=['batch_stats', 'losses'])
+    return jnp.sum(updates['losses']['words'][0])
+
+  loss, grads = jax.value_and_grad(word_loss)(variables['params'])
+  word_logits = with_words.apply(variables, images, train=True, method=with_words.encode,
+                                 mutable=['batch_stats'])[0] @ variables['params']['word_head']['kernel']
+  word_logits += variables['params']['word_head']['bias']
+  np.testing.assert_allclose(loss, 2.0 * captioner.word_presence_loss(word_logits, tokens), rtol=1e-5)
+  assert float(jnp.abs(grads['encoder']['trunk']['stem_conv']['kernel']).max()) > 0
+  assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(grads['decoder']))

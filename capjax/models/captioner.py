@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 
 from capjax import vocab as vocab_lib
 from capjax.models import attention
@@ -126,7 +127,16 @@ class CaptionDecoder(nn.Module):
 
 
 class Captioner(nn.Module):
-  """The seed: encoder -> one image vector -> LSTM. `__call__` is the teacher-forced training graph."""
+  """The seed: encoder -> one image vector -> LSTM. `__call__` is the teacher-forced training graph.
+
+  With `word_loss_weight` > 0, training adds an auxiliary loss on the image vector: a linear head
+  predicts which vocabulary words the image's captions use (a multi-label "visual concepts" target,
+  as in Fang et al. 2015 and Yao et al. 2017), sown into the 'losses' collection like the attention
+  penalty. The caption loss alone reaches the encoder only through the LSTM, where words that the
+  language model predicts without the image dominate the gradient; on the demo data the trunk then
+  never learns shape (benchmarks/shape_learning.py). The head gives every image-dependent word a
+  direct gradient; words every caption uses are learnt by its bias. Decoding does not use it.
+  """
 
   has_attention: ClassVar[bool] = False
 
@@ -137,6 +147,7 @@ class Captioner(nn.Module):
   hidden_size: int = 256
   lstm_unroll: int = 1
   trunk_mode: str = 'train'
+  word_loss_weight: float = 0.0
   dtype: Any = jnp.float32
 
   def setup(self):
@@ -144,12 +155,22 @@ class Captioner(nn.Module):
                                 self.dtype, name='encoder')
     self.decoder = CaptionDecoder(self.vocab_size, self.embed_dim, self.hidden_size,
                                   self.lstm_unroll, self.dtype, name='decoder')
+    if self.word_loss_weight:
+      self.word_head = nn.Dense(self.vocab_size, dtype=self.dtype, name='word_head')
 
   def __call__(self, images, input_tokens, *, train: bool):
     """Teacher forcing. input_tokens (N, T) -> logits (N, T, vocab); or (N, K, T), K captions per
     image -> logits (N * K, T, vocab): the encoder runs once per image (BatchNorm statistics over the
     N images) and its vector is shared by the image's K captions."""
-    return self.decoder(*per_caption(self.encoder(images, train=train), input_tokens))
+    return self._teacher_forced(self.encoder(images, train=train), input_tokens, train=train)
+
+  def _teacher_forced(self, image_vec, input_tokens, *, train: bool):
+    if self.word_loss_weight:
+      # Run at init too (train=False), so the head's parameters exist; the loss only when training.
+      word_logits = self.word_head(image_vec).astype(jnp.float32)
+      if train:
+        self.sow('losses', 'words', self.word_loss_weight * word_presence_loss(word_logits, input_tokens))
+    return self.decoder(*per_caption(image_vec, input_tokens))
 
   def encode(self, images, *, train: bool = False):
     return self.encoder(images, train=train)
@@ -161,7 +182,7 @@ class Captioner(nn.Module):
   def decode_from_features(self, pooled, input_tokens, *, train: bool):
     """Teacher forcing from cached pooled trunk features (the 'cached' encoder mode); tokens as in
     `__call__`."""
-    return self.decoder(*per_caption(self.encoder.project(pooled, train=train), input_tokens))
+    return self._teacher_forced(self.encoder.project(pooled, train=train), input_tokens, train=train)
 
   def prepare(self, image_vec):
     """Per-image tensors for `step`: none (the image vector is already in the carry after `start`)."""
@@ -174,6 +195,25 @@ class Captioner(nn.Module):
   def step(self, carry, tokens, context=()):
     del context
     return self.decoder.step(carry, tokens)
+
+
+def words_present(input_tokens, vocab_size: int) -> jax.Array:
+  """(N, T) or (N, K, T) decoder inputs -> (N, vocab) float32: 1.0 for each word some caption of the
+  image uses; the special tokens (<PAD> <START> <END> <UNK>) are never targets."""
+  tokens = input_tokens.reshape(input_tokens.shape[0], -1)
+  present = jnp.zeros((tokens.shape[0], vocab_size), jnp.float32)
+  present = present.at[jnp.arange(tokens.shape[0])[:, None], tokens].set(1.0)
+  return present.at[:, :len(vocab_lib.SPECIALS)].set(0.0)
+
+
+def word_presence_loss(word_logits, input_tokens) -> jax.Array:
+  """Sigmoid cross-entropy of `word_logits` (N, vocab) against `words_present`, summed over the
+  vocabulary and the batch and divided by the number of present words: nats per present word, a scale
+  that does not grow with the vocabulary's size the way a sum per image would."""
+  present = words_present(input_tokens, word_logits.shape[-1])
+  losses = optax.sigmoid_binary_cross_entropy(word_logits, present)
+  losses = losses.at[:, :len(vocab_lib.SPECIALS)].set(0.0)
+  return jnp.sum(losses) / jnp.maximum(jnp.sum(present), 1.0)
 
 
 def real_steps(input_tokens):
@@ -286,6 +326,9 @@ def build_captioner(model_config, vocab_size: int,
     raise ValueError(f'config.model.decoder: expected one of {DECODERS}, got {decoder!r}')
   if trunk_mode is None:
     trunk_mode = 'train' if model_config.encoder_mode == 'train' else 'frozen'
+  if decoder == 'attention' and model_config.get('word_loss_weight', 0.0):
+    raise ValueError('config.model.word_loss_weight: only the seed decoder has the word-presence head; '
+                     f'set it to 0 with decoder={decoder!r}')
   if decoder == 'attention':
     return AttentionCaptioner(
         vocab_size=vocab_size,
@@ -309,6 +352,7 @@ def build_captioner(model_config, vocab_size: int,
       hidden_size=model_config.hidden_size,
       lstm_unroll=model_config.lstm_unroll,
       trunk_mode=trunk_mode,
+      word_loss_weight=model_config.get('word_loss_weight', 0.0),  # absent in older workdirs: off
       dtype=dtypes[model_config.dtype],
   )
 
