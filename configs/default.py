@@ -69,8 +69,8 @@ def get_config() -> ml_collections.ConfigDict:
   model.attention_dropout = 0.5  # before the readout, as the paper
   model.attention_regularizer = 1.0  # lambda of the doubly stochastic penalty (the paper's code: 1)
   model.dtype = 'float32'  # 'bfloat16': bf16 compute, float32 params
-  # Seed decoder: weight of the auxiliary word-presence loss (a head on the image vector predicts which
-  # words the image's captions use; capjax/models/captioner.py). 0: the seed's caption loss alone.
+  # Weight of the auxiliary word-presence loss: a head on the image vector (attention: the mean annotation)
+  # predicts which words the image's captions use (capjax/models/captioner.py). 0: caption loss alone.
   model.word_loss_weight = 0.0
   # train: fine-tune everything | frozen: trunk fixed, BN in inference mode, only projection+decoder
   # learn | cached: like frozen, but pooled trunk features are extracted once into the workdir and the

@@ -25,6 +25,7 @@ def _config(**model):
   config.model.decoder = 'attention'
   config.model.stage_sizes = (1, 1, 1)  # 2x2 grid at 32 px
   config.train.metrics_every_epochs = 0
+  config.model.word_loss_weight = 0.0  # tests that want it set it
   for key, value in model.items():
     config.model[key] = value
   return config
@@ -142,6 +143,24 @@ def test_the_penalty_joins_the_loss_and_is_reported_apart():
   # 6 real steps over 4 cells is at least 4 * (1 - 6/4)^2 = 1 per caption, per token >= 1/6.
   np.testing.assert_allclose(losses[1.0]['loss'], losses[0.0]['loss'], rtol=1e-6)
   assert float(losses[1.0]['extra_loss']) >= 1 / 6 - 1e-6
+
+
+def test_the_word_loss_reads_the_mean_annotation_and_joins_the_extra_loss():
+  mesh = mesh_lib.make_mesh(jax.devices()[:1])
+  batch = {'image': _images(4), 'tokens': np.stack([_tokens(4, 7)] * 2, axis=1)}  # 2 captions per image
+  metrics = {}
+  for weight in (0.0, 3.0):
+    config = _config(attention_regularizer=0.0, attention_dropout=0.0, word_loss_weight=weight)
+    model = captioner.build_captioner(config.model, VOCAB)
+    tx = state_lib.make_optimizer(config.train, lambda _: 0.0, 'train')
+    state = state_lib.create_train_state(model, tx, 0, 32, 8, mesh)
+    step = state_lib.compile_train_step(state_lib.teacher_forced_logits(model), tx, mesh)
+    _, metrics[weight] = step(state, mesh_lib.host_batch_to_global(batch, mesh))
+  channels = state.params['encoder']['trunk']['stage3_block1']['conv3']['kernel'].shape[-1]
+  assert state.params['word_head']['kernel'].shape == (channels, VOCAB)
+  assert 'extra_loss' not in metrics[0.0]
+  np.testing.assert_allclose(metrics[3.0]['loss'], metrics[0.0]['loss'], rtol=1e-6)
+  assert float(metrics[3.0]['extra_loss']) > 0
 
 
 def test_caption_api_returns_maps_that_sum_to_one_and_the_same_captions():

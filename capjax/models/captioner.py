@@ -166,10 +166,7 @@ class Captioner(nn.Module):
 
   def _teacher_forced(self, image_vec, input_tokens, *, train: bool):
     if self.word_loss_weight:
-      # Run at init too (train=False), so the head's parameters exist; the loss only when training.
-      word_logits = self.word_head(image_vec).astype(jnp.float32)
-      if train:
-        self.sow('losses', 'words', self.word_loss_weight * word_presence_loss(word_logits, input_tokens))
+      sow_word_loss(self, image_vec, input_tokens, train=train)
     return self.decoder(*per_caption(image_vec, input_tokens))
 
   def encode(self, images, *, train: bool = False):
@@ -195,6 +192,15 @@ class Captioner(nn.Module):
   def step(self, carry, tokens, context=()):
     del context
     return self.decoder.step(carry, tokens)
+
+
+def sow_word_loss(module: nn.Module, image_features, input_tokens, *, train: bool):
+  """The word-presence loss of `module.word_head` on per-image features (N, D), times
+  `module.word_loss_weight`, sown as losses/words when training. Called at init too (train=False), so
+  the head's parameters exist."""
+  word_logits = module.word_head(image_features).astype(jnp.float32)
+  if train:
+    module.sow('losses', 'words', module.word_loss_weight * word_presence_loss(word_logits, input_tokens))
 
 
 def words_present(input_tokens, vocab_size: int) -> jax.Array:
@@ -244,6 +250,7 @@ class AttentionCaptioner(nn.Module):
   regularizer: float = 1.0
   lstm_unroll: int = 1
   trunk_mode: str = 'train'
+  word_loss_weight: float = 0.0  # as `Captioner`'s; the head reads the mean annotation vector
   dtype: Any = jnp.float32
 
   def setup(self):
@@ -252,6 +259,8 @@ class AttentionCaptioner(nn.Module):
     self.decoder = attention.AttentionDecoder(
         self.vocab_size, self.embed_dim, self.hidden_size, self.attention_dim, self.dropout_rate,
         lstm_unroll=self.lstm_unroll, dtype=self.dtype, name='decoder')
+    if self.word_loss_weight:
+      self.word_head = nn.Dense(self.vocab_size, dtype=self.dtype, name='word_head')
 
   def __call__(self, images, input_tokens, *, train: bool):
     """Teacher forcing; tokens (N, T) or (N, K, T) as for `Captioner`: the grid is computed (and
@@ -271,6 +280,8 @@ class AttentionCaptioner(nn.Module):
     return self._teacher_forced(annotations, input_tokens, train=train)
 
   def _teacher_forced(self, annotations, input_tokens, *, train: bool):
+    if self.word_loss_weight:
+      sow_word_loss(self, jnp.mean(annotations, axis=1), input_tokens, train=train)
     tokens = input_tokens.reshape(-1, input_tokens.shape[-1])
     logits, alphas = self.decoder(annotations, tokens, train=train)
     if train and self.regularizer:
@@ -326,9 +337,6 @@ def build_captioner(model_config, vocab_size: int,
     raise ValueError(f'config.model.decoder: expected one of {DECODERS}, got {decoder!r}')
   if trunk_mode is None:
     trunk_mode = 'train' if model_config.encoder_mode == 'train' else 'frozen'
-  if decoder == 'attention' and model_config.get('word_loss_weight', 0.0):
-    raise ValueError('config.model.word_loss_weight: only the seed decoder has the word-presence head; '
-                     f'set it to 0 with decoder={decoder!r}')
   if decoder == 'attention':
     return AttentionCaptioner(
         vocab_size=vocab_size,
@@ -342,6 +350,7 @@ def build_captioner(model_config, vocab_size: int,
         regularizer=model_config.attention_regularizer,
         lstm_unroll=model_config.lstm_unroll,
         trunk_mode=trunk_mode,
+        word_loss_weight=model_config.get('word_loss_weight', 0.0),
         dtype=dtypes[model_config.dtype],
     )
   return Captioner(
