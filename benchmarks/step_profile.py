@@ -53,7 +53,6 @@ from capjax import state as state_lib
 from capjax import vocab as vocab_lib
 from capjax.models import captioner
 from capjax.models import resnet
-from capjax.models import small_map_conv
 
 HIDDEN = 256
 
@@ -121,7 +120,7 @@ def capjax_trunk_convolutions(image_size: int, batch: int):
 
 
 def _max_pool(x):
-  return small_map_conv.max_pool(x, 3, 2, 1)  # as resnet.ResNet's stem
+  return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # as resnet.ResNet's stem
 
 
 def capjax_max_pool(image_size: int, batch: int):

@@ -242,27 +242,3 @@ def test_resnet_is_the_nn_conv_resnet(monkeypatch):
     assert error <= 5e-5 * scale, (jax.tree_util.keystr(path[0]), error, scale)
     ratios.append(error / scale)
   print(f'trunk: largest difference {max(ratios):.2g} of the array\'s largest value')
-
-
-@pytest.mark.parametrize('shape', [(2, 32, 32, 4), (3, 15, 10, 2), (1, 2, 2, 3)], ids=str)
-def test_max_pool_is_nn_max_pool_in_value_and_in_gradient_after_a_relu(shape):
-  """Forward bit for bit; the gradient where it matters (after a ReLU, as in the stem: tied zeros get none
-  either way), against reduce_window's, for the stem's window 3, stride 2, padding 1."""
-  x = jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.float32)
-  reference = functools.partial(nn.max_pool, window_shape=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-  ours = functools.partial(small_map_conv.max_pool, window=3, stride=2, pad=1, impl='matmul')
-  np.testing.assert_array_equal(ours(x), reference(x))
-  weights = jnp.cos(jnp.arange(reference(x).size, dtype=jnp.float32)).reshape(reference(x).shape)
-  grad = lambda pool: jax.jit(jax.grad(lambda x: jnp.sum(pool(jax.nn.relu(x)) * weights)))(x)
-  np.testing.assert_allclose(grad(ours), grad(reference), rtol=1e-6, atol=1e-6)
-
-
-@pytest.mark.parametrize('impl, backend, reduce_windows', [
-    ('auto', 'cpu', 0), ('auto', 'gpu', 1), ('lax', 'cpu', 1), ('matmul', 'gpu', 0)])
-def test_max_pool_impl_chooses_the_computation(monkeypatch, impl, backend, reduce_windows):
-  monkeypatch.setattr(small_map_conv, '_on_cpu', lambda: backend == 'cpu')
-  jaxpr = str(jax.make_jaxpr(lambda x: small_map_conv.max_pool(x, 3, 2, 1, impl=impl))(
-      jnp.zeros((1, 8, 8, 2))))
-  assert jaxpr.count('reduce_window_max') == reduce_windows
-  with pytest.raises(ValueError, match='cudnn'):
-    small_map_conv.max_pool(jnp.zeros((1, 8, 8, 2)), 3, 2, 1, impl='cudnn')

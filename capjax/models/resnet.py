@@ -9,8 +9,7 @@ Parameter names follow torchvision's layout (`stem_conv`, `stem_bn`, `stage{i}_b
 Convolutions are `small_map_conv.Conv`: `nn.Conv`'s parameters and results (up to float rounding), but
 on XLA:CPU the 1x1 convolutions and every convolution with an output of at most 14x14 (stages 3-4 at
 224 px, 2-4 at 64 px) run as a matrix product, because XLA:CPU's own convolution is up to 36x slower
-there in training (see that module); the stem's max pool is likewise the maximum of strided slices there
-(`small_map_conv.max_pool`). `conv_impl='lax'` gives plain `nn.Conv` / `nn.max_pool` everywhere.
+there in training (see that module). `conv_impl='lax'` gives plain `nn.Conv` arithmetic everywhere.
 """
 
 from collections.abc import Sequence
@@ -72,7 +71,7 @@ class ResNet(nn.Module):
     x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
                      dtype=self.dtype, name='stem_bn')(x)
     x = nn.relu(x)
-    x = small_map_conv.max_pool(x, 3, 2, 1, impl=self.conv_impl)
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for stage, num_blocks in enumerate(self.stage_sizes):
       for block in range(num_blocks):
         strides = 2 if stage > 0 and block == 0 else 1

@@ -143,26 +143,3 @@ class Conv(nn.Module):
                                        inputs.shape, kernel.shape, DIMENSION_NUMBERS),
                                    feature_group_count=1, precision=self.precision)
     return y if bias is None else y + bias
-
-
-def max_pool(x, window: int, stride: int, pad: int, impl: str = 'auto'):
-  """`nn.max_pool(x, (window, window), (stride, stride), ((pad, pad), (pad, pad)))` for NHWC inputs. On
-  XLA:CPU (`impl` as `Conv.impl`) it is the elementwise maximum of the window's strided slices: the same
-  values, and 2-2.5x faster forward+backward than `reduce_window` and its select-and-scatter gradient
-  (ResNet50's stem pool, 224 px x 4 and 64 px x 32). The gradient reaches the same elements except where
-  a window holds its maximum more than once: `jnp.maximum` splits it between the ties, select-and-scatter
-  gives it to one. After a ReLU, ties are zeros, whose gradient the ReLU stops either way."""
-  if impl not in IMPLS:
-    raise ValueError(f'impl: expected one of {IMPLS}, got {impl!r}')
-  if not (impl == 'matmul' or (impl == 'auto' and _on_cpu())):
-    return nn.max_pool(x, (window, window), strides=(stride, stride), padding=((pad, pad), (pad, pad)))
-  ho, wo = output_shape(x.shape[1:3], (window, window), (stride, stride), ((pad, pad), (pad, pad)))
-  x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), constant_values=-jnp.inf)
-  n, channels = x.shape[0], x.shape[3]
-  result = None
-  for i in range(window):
-    for j in range(window):
-      part = lax.slice(x, (0, i, j, 0), (n, i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1, channels),
-                       (1, stride, stride, 1))
-      result = part if result is None else jnp.maximum(result, part)
-  return result
