@@ -71,6 +71,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.dtype = 'float32'  # 'bfloat16': bf16 compute, float32 params
   # Weight of the auxiliary word-presence loss: a head on the image vector (attention: the mean annotation)
   # predicts which words the image's captions use (capjax/models/captioner.py). 0: caption loss alone.
+  # Cross-entropy training only: SCST follows its policy gradient alone and leaves the head as it is.
   model.word_loss_weight = 0.0
   # train: fine-tune everything | frozen: trunk fixed, BN in inference mode, only projection+decoder
   # learn | cached: like frozen, but pooled trunk features are extracted once into the workdir and the

@@ -337,6 +337,7 @@ def build_captioner(model_config, vocab_size: int,
     raise ValueError(f'config.model.decoder: expected one of {DECODERS}, got {decoder!r}')
   if trunk_mode is None:
     trunk_mode = 'train' if model_config.encoder_mode == 'train' else 'frozen'
+  word_loss_weight = model_config.get('word_loss_weight', 0.0)  # absent in older workdirs: off
   if decoder == 'attention':
     return AttentionCaptioner(
         vocab_size=vocab_size,
@@ -350,7 +351,7 @@ def build_captioner(model_config, vocab_size: int,
         regularizer=model_config.attention_regularizer,
         lstm_unroll=model_config.lstm_unroll,
         trunk_mode=trunk_mode,
-        word_loss_weight=model_config.get('word_loss_weight', 0.0),
+        word_loss_weight=word_loss_weight,
         dtype=dtypes[model_config.dtype],
     )
   return Captioner(
@@ -361,7 +362,7 @@ def build_captioner(model_config, vocab_size: int,
       hidden_size=model_config.hidden_size,
       lstm_unroll=model_config.lstm_unroll,
       trunk_mode=trunk_mode,
-      word_loss_weight=model_config.get('word_loss_weight', 0.0),  # absent in older workdirs: off
+      word_loss_weight=word_loss_weight,
       dtype=dtypes[model_config.dtype],
   )
 
