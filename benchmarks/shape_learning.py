@@ -122,8 +122,8 @@ def run_variant(variant: str, train: dict, test: dict, vocab, args) -> list[dict
       return optax.softmax_cross_entropy_with_integer_labels(out, labels).mean(), updates
     if variant in ('caption', 'caption_word_loss'):
       loss_sum, count = state_lib.token_cross_entropy(out, labels)
-      extra = sum(jnp.sum(term) for term in jax.tree.leaves(updates.get('losses', {})))
-      return loss_sum / count + extra, updates
+      extra = state_lib.sown_loss(updates)
+      return loss_sum / count + (0.0 if extra is None else extra), updates
     is_shape, _ = shape_targets(labels, ids)
     targets = labels.reshape(-1, labels.shape[-1])[:, 1:]
     losses = optax.softmax_cross_entropy_with_integer_labels(out, targets)

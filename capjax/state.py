@@ -118,6 +118,13 @@ def token_cross_entropy(logits, tokens, example_weight=None):
   return jnp.sum(losses * mask), jnp.sum(mask)
 
 
+def sown_loss(updates) -> jax.Array | None:
+  """The sum of the terms a model sowed into its 'losses' collection during `apply`; None when it sowed
+  none (known when tracing)."""
+  terms = jax.tree.leaves(updates.get('losses', {}))
+  return sum((jnp.sum(term) for term in terms), jnp.float32(0)) if terms else None
+
+
 BatchFn = Callable[[dict, jax.Array], dict]  # (batch, rng) -> batch, inside the jitted step
 
 
@@ -139,13 +146,12 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], image_table: j
     batch = augment(batch, jax.random.fold_in(step_rng, 1))  # dropout keeps step_rng itself
 
   def loss_fn(params):
-    # 'losses': terms a model adds to its objective with `sow` (the attention decoder's penalty).
+    # 'losses': terms a model adds to its objective with `sow` (the attention penalty, the word loss).
     logits, updates = logits_fn({'params': params, 'batch_stats': state.batch_stats}, batch,
                                 train=True, mutable=['batch_stats', 'losses'], rngs={'dropout': step_rng})
     loss_sum, count = token_cross_entropy(logits, batch['tokens'])
     loss = loss_sum / jnp.maximum(count, 1.0)
-    terms = jax.tree.leaves(updates.get('losses', {}))
-    extra = sum((jnp.sum(term) for term in terms), jnp.float32(0)) if terms else None
+    extra = sown_loss(updates)
     return loss + (0.0 if extra is None else extra), (loss, extra, updates.get('batch_stats', {}), count)
 
   (total, (loss, extra, batch_stats, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
