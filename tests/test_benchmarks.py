@@ -8,6 +8,7 @@ import pytest
 
 from benchmarks import harness
 from benchmarks import structural_wins
+from benchmarks import xla_flags
 from capjax import state as state_lib
 from capjax import vocab as vocab_lib
 from capjax.models import captioner
@@ -71,3 +72,19 @@ def test_random_tokens_look_like_captions():
     end = int(np.argmax(row == vocab_lib.END_ID))
     assert 8 <= end - 1 <= 18
     assert (row[1:end] >= 4).all() and (row[end + 1:] == vocab_lib.PAD_ID).all()
+
+
+def test_xla_flag_sets_parse_and_compare_with_the_default():
+  sets = xla_flags.parse_sets('default=; onednn=--xla_cpu_use_onednn=true ;two=--a=1 --b=x,y')
+  assert sets == {'default': '', 'onednn': '--xla_cpu_use_onednn=true', 'two': '--a=1 --b=x,y'}
+  assert 'default' in xla_flags.parse_sets(xla_flags.DEFAULT_SETS)
+  with pytest.raises(ValueError, match='name=XLA_FLAGS'):
+    xla_flags.parse_sets('default=;--xla_cpu_use_onednn=true')
+  run = lambda s: {'step_s': s, 'compile_s': 10.0, 'cores': 1.8}
+  rows = xla_flags.summarise(sets, {'default': [run(1.0), run(1.2), run(1.1)], 'onednn': [run(0.55)],
+                                    'two': [{'error': 'exit 1: unknown flag'}]}, batch=4)
+  by_set = {row['set']: row for row in rows}
+  assert by_set['default']['step_ms'] == pytest.approx(1100) and by_set['default']['runs'] == 3
+  assert by_set['onednn']['vs_default'] == pytest.approx(2.0)
+  assert by_set['onednn']['images_per_s'] == pytest.approx(4 / 0.55)
+  assert 'step_ms' not in by_set['two'] and by_set['two']['error'].startswith('exit 1')
