@@ -8,6 +8,9 @@ Parts (capjax: each one jitted; torch: eager, float32, `--torch_threads`):
   full step           the whole train step (capjax.state.compile_train_step; torch as in cpu_gap.py)
   trunk               ResNet50 forward + backward (gradients of its parameters; BatchNorm in training
                       mode, statistics updated) from normalised float images, pooled output
+  trunk, BatchNorm by hand
+                      capjax only: the same with every BatchNorm computed by `batchnorm_by_hand`
+                      (its backward written out: does XLA's differentiation of flax's leave time?)
   trunk, no BatchNorm the same with every BatchNorm removed (flax: intercepted to the identity; torch:
                       replaced by nn.Identity): the difference is what BatchNorm costs
   trunk convolutions  the trunk's 53 convolutions alone, forward + backward, one jitted call each
@@ -29,6 +32,7 @@ trunk + head + optimizer, what the full step does apart from glue (loss, concate
 import argparse
 import contextlib
 import copy
+import functools
 import os
 import sys
 import time
@@ -74,19 +78,72 @@ def _skip_batchnorm(next_fun, args, kwargs, context):
   return next_fun(*args, **kwargs)
 
 
-def capjax_trunk(x, with_batchnorm: bool):
-  trunk = resnet.ResNet()
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batchnorm_by_hand(x, scale, bias, epsilon: float):
+  """(y, batch mean, batch variance) of BatchNorm in training mode over every axis but the last, as
+  flax computes it (variance as E[x^2] - E[x]^2), with the backward written out: both sums in one pass
+  over (dy, x), dx in another. The statistics are outputs for the running averages; their cotangents
+  are ignored (nothing differentiates through them)."""
+  return _batchnorm_forward(x, scale, bias, epsilon)[0]
 
-  def batchnorm():
-    return contextlib.nullcontext() if with_batchnorm else nn.intercept_methods(_skip_batchnorm)
+
+def _batchnorm_forward(x, scale, bias, epsilon):
+  axes = tuple(range(x.ndim - 1))
+  mean = jnp.mean(x, axes)
+  var = jnp.maximum(jnp.mean(jnp.square(x), axes) - jnp.square(mean), 0.0)
+  rstd = jax.lax.rsqrt(var + epsilon)
+  return ((x - mean) * (rstd * scale) + bias, mean, var), (x, mean, rstd, scale)
+
+
+def _batchnorm_backward(epsilon, residuals, cotangents):
+  del epsilon
+  x, mean, rstd, scale = residuals
+  dy = cotangents[0]
+  axes = tuple(range(x.ndim - 1))
+  count = np.prod([x.shape[a] for a in axes])
+  x_hat = (x - mean) * rstd
+  dbias, dscale = jnp.sum(dy, axes), jnp.sum(dy * x_hat, axes)
+  return (scale * rstd / count) * (count * dy - dbias - x_hat * dscale), dscale, dbias
+
+
+batchnorm_by_hand.defvjp(_batchnorm_forward, _batchnorm_backward)
+
+
+def _batchnorm_by_hand(next_fun, args, kwargs, context):
+  """Every training-mode nn.BatchNorm computed by `batchnorm_by_hand`, with the same parameters and the
+  same running-average update as flax's."""
+  module = context.module
+  if not (isinstance(module, nn.BatchNorm) and context.method_name == '__call__'):
+    return next_fun(*args, **kwargs)
+  x, features = args[0], args[0].shape[-1]
+  scale = module.param('scale', module.scale_init, (features,), module.param_dtype)
+  bias = module.param('bias', module.bias_init, (features,), module.param_dtype)
+  y, mean, var = batchnorm_by_hand(x, scale, bias, module.epsilon)
+  running_mean = module.variable('batch_stats', 'mean', jnp.zeros, (features,), jnp.float32)
+  running_var = module.variable('batch_stats', 'var', jnp.ones, (features,), jnp.float32)
+  if not module.is_initializing():
+    running_mean.value = module.momentum * running_mean.value + (1 - module.momentum) * mean
+    running_var.value = module.momentum * running_var.value + (1 - module.momentum) * var
+  return y
+
+
+# How the trunk's BatchNorms are computed: flax's nn.BatchNorm (differentiated by JAX), removed, or
+# `batchnorm_by_hand`.
+BATCHNORMS = {'flax': contextlib.nullcontext, 'none': lambda: nn.intercept_methods(_skip_batchnorm),
+              'by hand': lambda: nn.intercept_methods(_batchnorm_by_hand)}
+
+
+def capjax_trunk(x, batchnorm: str = 'flax'):
+  trunk = resnet.ResNet()
+  with_batchnorm = BATCHNORMS[batchnorm]
 
   def init(key):
-    with batchnorm():
+    with with_batchnorm():
       return trunk.init(key, x, train=False)
 
   def grads(variables, g):
     def loss(params):
-      with batchnorm():
+      with with_batchnorm():
         y, updates = trunk.apply({**variables, 'params': params}, x, train=True, mutable=['batch_stats'])
       return jnp.vdot(jnp.mean(y, axis=(1, 2)), g), updates
     return jax.grad(loss, has_aux=True)(variables['params'])
@@ -193,8 +250,9 @@ def capjax_parts(args, mesh) -> dict:
   features = jnp.asarray(rng.random((args.batch, 2048), np.float32))
   return {
       'full step': cpu_gap.capjax_variant(model, host_batch, args.image_size, mesh)[0],
-      'trunk': capjax_trunk(images, with_batchnorm=True),
-      'trunk, no BatchNorm': capjax_trunk(images, with_batchnorm=False),
+      'trunk': capjax_trunk(images),
+      'trunk, BatchNorm by hand': capjax_trunk(images, batchnorm='by hand'),
+      'trunk, no BatchNorm': capjax_trunk(images, batchnorm='none'),
       'trunk convolutions': capjax_trunk_convolutions(args.image_size, args.batch),
       'max pool': capjax_max_pool(args.image_size, args.batch),
       'head': capjax_head(model, variables, features, jnp.asarray(host_batch['tokens'])),

@@ -40,7 +40,7 @@ def advancer_for(part: str, image_size: int, batch: int, mesh):
     model = captioner.Captioner(vocab_size=cpu_gap.VOCAB)
     return cpu_gap.capjax_variant(model, host_batch, image_size, mesh)[0]
   images = captioner.normalize_images(jax.numpy.asarray(host_batch['image']), jax.numpy.float32)
-  return step_profile.capjax_trunk(images, with_batchnorm=part == 'trunk')
+  return step_profile.capjax_trunk(images, batchnorm='flax' if part == 'trunk' else 'none')
 
 
 def op_times(trace_dir: str) -> tuple[dict, dict]:

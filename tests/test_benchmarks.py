@@ -1,12 +1,14 @@
 """The benchmarks' own correctness: an ablation must compare the same function, and the interleaved
 timer must give every variant the same treatment. (Speeds themselves are never tested.)"""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from benchmarks import harness
+from benchmarks import step_profile
 from benchmarks import structural_wins
 from benchmarks import xla_flags
 from capjax import state as state_lib
@@ -88,3 +90,25 @@ def test_xla_flag_sets_parse_and_compare_with_the_default():
   assert by_set['onednn']['vs_default'] == pytest.approx(2.0)
   assert by_set['onednn']['images_per_s'] == pytest.approx(4 / 0.55)
   assert 'step_ms' not in by_set['two'] and by_set['two']['error'].startswith('exit 1')
+
+
+def test_batchnorm_by_hand_is_flax_batchnorm_with_the_same_gradients_and_running_averages():
+  x = jax.random.normal(jax.random.key(0), (3, 5, 4, 6)) * 2.0 + 1.0
+  g = jax.random.normal(jax.random.key(1), x.shape)
+  bn = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5)
+  variables = bn.init(jax.random.key(2), x)
+  params = {'scale': jnp.linspace(0.5, 1.5, 6), 'bias': jnp.linspace(-1.0, 1.0, 6)}
+
+  def loss(params, x, batchnorm):
+    with step_profile.BATCHNORMS[batchnorm]():
+      y, updates = bn.apply({**variables, 'params': params}, x, mutable=['batch_stats'])
+    return jnp.vdot(y, g), (y, updates)
+  grad = jax.grad(loss, argnums=(0, 1), has_aux=True)
+  (flax_grads, (flax_y, flax_updates)) = grad(params, x, 'flax')
+  (hand_grads, (hand_y, hand_updates)) = grad(params, x, 'by hand')
+  np.testing.assert_allclose(hand_y, flax_y, rtol=1e-5, atol=1e-5)
+  hand, flax = jax.tree.leaves((hand_grads, hand_updates)), jax.tree.leaves((flax_grads, flax_updates))
+  assert len(hand) == len(flax) == 5  # d/dbias, d/dscale, d/dx; running mean and variance
+  for got, want in zip(hand, flax):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  assert not np.allclose(flax_updates['batch_stats']['mean'], variables['batch_stats']['mean'])
