@@ -111,9 +111,13 @@ batchnorm_by_hand.defvjp(_batchnorm_forward, _batchnorm_backward)
 
 def _batchnorm_by_hand(next_fun, args, kwargs, context):
   """Every training-mode nn.BatchNorm computed by `batchnorm_by_hand`, with the same parameters and the
-  same running-average update as flax's."""
+  same running-average update as flax's (the ResNet's BatchNorms: scale and bias, last axis, one device;
+  anything else, and evaluation mode, is left to flax)."""
   module = context.module
   if not (isinstance(module, nn.BatchNorm) and context.method_name == '__call__'):
+    return next_fun(*args, **kwargs)
+  evaluating = kwargs.get('use_running_average', module.use_running_average)
+  if evaluating or not (module.use_scale and module.use_bias) or module.axis != -1 or module.axis_name:
     return next_fun(*args, **kwargs)
   x, features = args[0], args[0].shape[-1]
   scale = module.param('scale', module.scale_init, (features,), module.param_dtype)

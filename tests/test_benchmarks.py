@@ -112,3 +112,9 @@ def test_batchnorm_by_hand_is_flax_batchnorm_with_the_same_gradients_and_running
   for got, want in zip(hand, flax):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
   assert not np.allclose(flax_updates['batch_stats']['mean'], variables['batch_stats']['mean'])
+  # Evaluation mode (running averages) is flax's own.
+  evaluating = nn.BatchNorm(use_running_average=True, momentum=0.9, epsilon=1e-5)
+  stats = {**variables, 'params': params, 'batch_stats': flax_updates['batch_stats']}
+  with step_profile.BATCHNORMS['by hand']():
+    evaluated = evaluating.apply(stats, x)
+  np.testing.assert_allclose(evaluated, evaluating.apply(stats, x))
