@@ -1,5 +1,7 @@
 """Model shapes, parameter counts, and the documented teacher-forcing layout."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -56,9 +58,9 @@ def test_bfloat16_compute_keeps_float32_params():
   model = _tiny(dtype=jnp.bfloat16)
   images = jnp.zeros((2, 32, 32, 3), jnp.uint8)
   tokens = jnp.ones((2, 5), jnp.int32)
-  variables = model.init(jax.random.PRNGKey(0), images, tokens, train=False)
+  variables = jax.jit(functools.partial(model.init, train=False))(jax.random.PRNGKey(0), images, tokens)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables['params']))
-  logits = model.apply(variables, images, tokens, train=False)
+  logits = jax.jit(functools.partial(model.apply, train=False))(variables, images, tokens)
   assert logits.dtype == jnp.float32 and np.all(np.isfinite(logits))
 
 
@@ -66,14 +68,14 @@ def test_frozen_trunk_gets_no_gradient():
   model = _tiny(trunk_mode='frozen')
   images = jnp.asarray(np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3)), jnp.uint8)
   tokens = jnp.ones((4, 5), jnp.int32)
-  variables = model.init(jax.random.PRNGKey(0), images, tokens, train=False)
+  variables = jax.jit(functools.partial(model.init, train=False))(jax.random.PRNGKey(0), images, tokens)
 
   def loss(params):
     logits, _ = model.apply({**variables, 'params': params}, images, tokens, train=True,
                             mutable=['batch_stats'])
     return jnp.mean(logits ** 2)
 
-  grads = jax.grad(loss)(variables['params'])
+  grads = jax.jit(jax.grad(loss))(variables['params'])
   assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(grads['encoder']['trunk']))
   assert float(jnp.abs(grads['encoder']['projection']['kernel']).max()) > 0
 
@@ -116,13 +118,15 @@ def test_word_loss_trains_the_encoder_through_a_head_that_decoding_never_uses():
   images = jnp.asarray(rng.integers(0, 255, (4, 32, 32, 3)), jnp.uint8)
   tokens = jnp.asarray(rng.integers(1, 20, (4, 2, 6)), jnp.int32)
   plain, with_words = _tiny(), _tiny(word_loss_weight=2.0)
-  variables = with_words.init(jax.random.PRNGKey(0), images, tokens, train=False)
+  # Jitted calls: a tiny ResNet compiles faster as one program than op by op.
+  variables = jax.jit(functools.partial(with_words.init, train=False))(jax.random.PRNGKey(0), images, tokens)
   assert variables['params']['word_head']['kernel'].shape == (16, 20)
   # Without the head's parameters the two models are the same captioner: equal logits, no loss sown.
   shared = {**variables, 'params': {k: v for k, v in variables['params'].items() if k != 'word_head'}}
-  np.testing.assert_allclose(with_words.apply(variables, images, tokens, train=False),
-                             plain.apply(shared, images, tokens, train=False), rtol=1e-6)
-  _, updates = with_words.apply(variables, images, tokens, train=False, mutable=['losses'])
+  evaluate = jax.jit(lambda model, v: model.apply(v, images, tokens, train=False, mutable=['losses']),
+                     static_argnums=0)
+  (logits, updates), (plain_logits, _) = evaluate(with_words, variables), evaluate(plain, shared)
+  np.testing.assert_allclose(logits, plain_logits, rtol=1e-6)
   assert 'losses' not in updates or not updates['losses']
 
   def word_loss(params):
@@ -130,9 +134,10 @@ def test_word_loss_trains_the_encoder_through_a_head_that_decoding_never_uses():
                                   mutable=['batch_stats', 'losses'])
     return jnp.sum(updates['losses']['words'][0])
 
-  loss, grads = jax.value_and_grad(word_loss)(variables['params'])
-  word_logits = with_words.apply(variables, images, train=True, method=with_words.encode,
-                                 mutable=['batch_stats'])[0] @ variables['params']['word_head']['kernel']
+  loss, grads = jax.jit(jax.value_and_grad(word_loss))(variables['params'])
+  image_vec = jax.jit(lambda v: with_words.apply(v, images, train=True, method=with_words.encode,
+                                                 mutable=['batch_stats'])[0])(variables)
+  word_logits = image_vec @ variables['params']['word_head']['kernel']
   word_logits += variables['params']['word_head']['bias']
   np.testing.assert_allclose(loss, 2.0 * captioner.word_presence_loss(word_logits, tokens), rtol=1e-5)
   assert float(jnp.abs(grads['encoder']['trunk']['stem_conv']['kernel']).max()) > 0
