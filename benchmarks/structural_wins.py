@@ -176,7 +176,7 @@ def _advancer(compiled, state: tuple, batch):
   return advance
 
 
-def _rotated(items: list, r: int) -> list:
+def rotated(items: list, r: int) -> list:
   """`items` starting at position r (mod len): the order of round r."""
   r %= len(items)
   return items[r:] + items[:r]
@@ -191,7 +191,7 @@ def time_interleaved(advancers: dict, rounds: int, steps: int) -> dict[str, dict
     advancers[name](1)
   seconds = {name: [] for name in names}
   for r in range(rounds):
-    for name in _rotated(names, r):
+    for name in rotated(names, r):
       seconds[name].append(advancers[name](steps))
   return {name: {'step_s': float(np.median(v)), 'step_s_min': min(v), 'step_s_max': max(v),
                  'rounds': rounds, 'steps_per_round': steps} for name, v in seconds.items()}
@@ -358,7 +358,7 @@ def measure_loop(mesh) -> list[dict]:
   runs = {v: [] for v in variants}
   rounds = _LOOP_ROUNDS.value
   for r in range(rounds):  # order rotated every round, as in time_interleaved
-    for prefetch, lazy in _rotated(variants, r):
+    for prefetch, lazy in rotated(variants, r):
       state = state_lib.create_train_state(model, tx, 0, size, _MAX_LEN.value, mesh)
       iterator = input_pipeline.make_train_iterator(
           records, vocab, input_pipeline.PipelineConfig(

@@ -24,6 +24,7 @@ if __package__ in (None, ''):  # run as `python benchmarks/xla_flags.py`
   sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from benchmarks import harness
+from benchmarks import structural_wins
 
 _YNN = '--xla_cpu_experimental_ynn_fusion_type='
 # name=XLA_FLAGS; the XLA:CPU options of jax 0.10.2 that pick kernels, fusion and scheduling.
@@ -129,7 +130,7 @@ def main():
   results = {name: [] for name in sets}
   names = list(sets)
   for r in range(args.rounds):
-    for name in names[r % len(names):] + names[:r % len(names)]:
+    for name in structural_wins.rotated(names, r):
       results[name].append(run_child(sets[name], args))
       shown = results[name][-1]
       print(f'  round {r + 1} {name}: ' + (shown['error'] if 'error' in shown else
