@@ -20,7 +20,7 @@ from ml_collections import config_flags
 
 from capjax import cli
 from capjax import errors
-from capjax import evaluation
+from capjax.evaluation import modes as evaluation_modes
 from capjax import serve
 from capjax.data import prepare
 
@@ -88,13 +88,13 @@ def _run_mode(FLAGS) -> None:  # pylint: disable=invalid-name
   elif FLAGS.mode == 'prepare':
     prepare.prepare_from_config(FLAGS.config.data)
   elif FLAGS.mode == 'eval':
-    evaluation.evaluate_workdir(FLAGS.workdir, split=FLAGS.split, checkpoint=FLAGS.checkpoint_step,
-                                beam_size=FLAGS.beam_size, length_penalty=FLAGS.length_penalty,
-                                no_repeat_ngram=FLAGS.no_repeat_ngram)
+    evaluation_modes.evaluate_workdir(FLAGS.workdir, split=FLAGS.split, checkpoint=FLAGS.checkpoint_step,
+                                      beam_size=FLAGS.beam_size, length_penalty=FLAGS.length_penalty,
+                                      no_repeat_ngram=FLAGS.no_repeat_ngram)
   elif FLAGS.mode == 'compare':
-    evaluation.compare_workdirs(FLAGS.workdirs, split=FLAGS.split, checkpoint=FLAGS.checkpoint_step,
-                                beam_size=FLAGS.beam_size, length_penalty=FLAGS.length_penalty,
-                                no_repeat_ngram=FLAGS.no_repeat_ngram)
+    evaluation_modes.compare_workdirs(FLAGS.workdirs, split=FLAGS.split, checkpoint=FLAGS.checkpoint_step,
+                                      beam_size=FLAGS.beam_size, length_penalty=FLAGS.length_penalty,
+                                      no_repeat_ngram=FLAGS.no_repeat_ngram)
   elif FLAGS.mode == 'serve':
     serve.serve(FLAGS.workdir, host=FLAGS.host, port=FLAGS.port, checkpoint=FLAGS.checkpoint_step,
                 beam_size=FLAGS.beam_size, length_penalty=FLAGS.length_penalty,

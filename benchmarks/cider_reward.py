@@ -1,4 +1,5 @@
-r"""SCST reward cost: capjax.cider.CiderD scoring B images x K sampled captions plus the greedy baseline.
+r"""SCST reward cost: capjax.evaluation.cider.CiderD scoring B images x K sampled captions plus the greedy
+baseline.
 
 A synthetic Flickr8k-sized corpus (--num_images x --refs references, vocabulary --vocab with Zipf-like
 word frequencies, 8-18 words) gives the document frequencies. Each timed call scores decoder-like token
@@ -28,41 +29,48 @@ from absl import flags
 import numpy as np
 
 from benchmarks import harness
-from capjax import cider
+from capjax.evaluation import cider
 from capjax import vocab as vocab_lib
 
-_NUM_IMAGES = flags.DEFINE_integer('num_images', 6000, 'Corpus images (Flickr8k train: 6,000).')
-_REFS = flags.DEFINE_integer('refs', 5, 'References per image.')
-_VOCAB = flags.DEFINE_integer('vocab', 5000, 'Words in the vocabulary.')
-_ZIPF = flags.DEFINE_float('zipf', 1.0, 'Word frequency ~ 1 / rank**zipf.')
-_BATCH = flags.DEFINE_integer('batch', 64, 'Images per SCST step (B).')
-_SAMPLES = flags.DEFINE_integer('samples', 5, 'Sampled captions per image (K).')
-_MAX_LEN = flags.DEFINE_integer('max_len', 20, 'Decoded tokens per row, <END> included.')
-_REPS = flags.DEFINE_integer('reps', 50, 'Timed calls per row, each on a different batch.')
-_OUTPUT = flags.DEFINE_string('output', None, 'JSON path; default benchmarks/results/cider_reward.json.')
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  # Only when this file runs as the program: absl flags are process-global and the benchmarks import
+  # one another (benchmarks/harness.py, "Flags").
+  flags.DEFINE_integer('num_images', 6000, 'Corpus images (Flickr8k train: 6,000).')
+  flags.DEFINE_integer('refs', 5, 'References per image.')
+  flags.DEFINE_integer('vocab', 5000, 'Words in the vocabulary.')
+  flags.DEFINE_float('zipf', 1.0, 'Word frequency ~ 1 / rank**zipf.')
+  flags.DEFINE_integer('batch', 64, 'Images per SCST step (B).')
+  flags.DEFINE_integer('samples', 5, 'Sampled captions per image (K).')
+  flags.DEFINE_integer('max_len', 20, 'Decoded tokens per row, <END> included.')
+  flags.DEFINE_integer('reps', 50, 'Timed calls per row, each on a different batch.')
+  flags.DEFINE_string('output', None, 'JSON path; default benchmarks/results/cider_reward.json.')
+
 
 FIRST_WORD = 4  # ids below are capjax's specials: PAD, START, END, UNK
 
 
 def zipf_words(rng: np.random.Generator, count: int) -> np.ndarray:
-  probs = 1.0 / np.arange(1, _VOCAB.value + 1) ** _ZIPF.value
-  return FIRST_WORD + rng.choice(_VOCAB.value, count, p=probs / probs.sum())
+  probs = 1.0 / np.arange(1, FLAGS.vocab + 1) ** FLAGS.zipf
+  return FIRST_WORD + rng.choice(FLAGS.vocab, count, p=probs / probs.sum())
 
 
 def synthetic_corpus(rng: np.random.Generator) -> list[list[list[int]]]:
-  lengths = rng.integers(8, 19, _NUM_IMAGES.value * _REFS.value)
+  lengths = rng.integers(8, 19, FLAGS.num_images * FLAGS.refs)
   captions = np.split(zipf_words(rng, int(lengths.sum())), np.cumsum(lengths)[:-1])
   captions = [c.tolist() for c in captions]
-  return [captions[i:i + _REFS.value] for i in range(0, len(captions), _REFS.value)]
+  return [captions[i:i + FLAGS.refs] for i in range(0, len(captions), FLAGS.refs)]
 
 
 def decoder_rows(rng: np.random.Generator, corpus, image_ids: np.ndarray) -> np.ndarray:
   """One row per image id: a crop of one of its references, ~30% of words replaced, then <END>, <PAD>."""
-  rows = np.full((len(image_ids), _MAX_LEN.value), vocab_lib.PAD_ID, np.int32)
+  rows = np.full((len(image_ids), FLAGS.max_len), vocab_lib.PAD_ID, np.int32)
   for row, image in zip(rows, image_ids):
     ref = corpus[image][rng.integers(len(corpus[image]))]
     start = int(rng.integers(0, 3))
-    words = np.array(ref[start:start + int(rng.integers(5, _MAX_LEN.value))])
+    words = np.array(ref[start:start + int(rng.integers(5, FLAGS.max_len))])
     replace = rng.random(len(words)) < 0.3
     words[replace] = zipf_words(rng, int(replace.sum()))
     row[:len(words)] = words
@@ -84,7 +92,7 @@ def time_calls(fn, inputs: list) -> tuple[float, float]:
 
 
 def main(argv):
-  del argv
+  harness.start(argv)
   rng = np.random.default_rng(0)
   corpus = synthetic_corpus(rng)
   start = time.perf_counter()
@@ -94,12 +102,12 @@ def main(argv):
   split = scorer.prepare(corpus)
   prepare_s = time.perf_counter() - start
   split_mb = split.nbytes / 2 ** 20
-  print(f'corpus {len(corpus)} images x {_REFS.value} refs: CiderD built in {build_s:.2f} s, '
+  print(f'corpus {len(corpus)} images x {FLAGS.refs} refs: CiderD built in {build_s:.2f} s, '
         f'split prepared in {prepare_s:.2f} s ({split_mb:.0f} MiB)')
 
-  b, k = _BATCH.value, _SAMPLES.value
+  b, k = FLAGS.batch, FLAGS.samples
   batches = []
-  for _ in range(_REPS.value):
+  for _ in range(FLAGS.reps):
     ids = rng.choice(len(corpus), b, replace=False)
     batches.append((ids, decoder_rows(rng, corpus, np.repeat(ids, k)), decoder_rows(rng, corpus, ids)))
   cut = dict(end_id=vocab_lib.END_ID, pad_id=vocab_lib.PAD_ID)
@@ -132,13 +140,14 @@ def main(argv):
   print()
   harness.print_table(rows, ['call', 'captions', 'ms_per_call', 'cpu_ms_per_call', 'captions_per_s'])
   print(f'\nmean sample reward {mean_reward:.3f}; {harness.machine_info()}\n{harness.describe_load(load)}')
-  harness.write_json(_OUTPUT.value or harness.default_output(__file__), {
+  harness.write_json(FLAGS.output or harness.default_output(__file__), {
       'benchmark': 'cider_reward', 'argv': sys.argv, 'machine': harness.machine_info(),
-      'load_before': before, 'load_during': load, 'num_images': len(corpus), 'refs': _REFS.value,
-      'vocab': _VOCAB.value, 'zipf': _ZIPF.value, 'batch': b, 'samples': k, 'max_len': _MAX_LEN.value,
-      'reps': _REPS.value, 'build_s': build_s, 'prepare_split_s': prepare_s, 'split_mib': split_mb,
+      'load_before': before, 'load_during': load, 'num_images': len(corpus), 'refs': FLAGS.refs,
+      'vocab': FLAGS.vocab, 'zipf': FLAGS.zipf, 'batch': b, 'samples': k, 'max_len': FLAGS.max_len,
+      'reps': FLAGS.reps, 'build_s': build_s, 'prepare_split_s': prepare_s, 'split_mib': split_mb,
       'mean_sample_reward': mean_reward, 'numpy': np.__version__, 'rows': rows})
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

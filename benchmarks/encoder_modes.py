@@ -1,6 +1,6 @@
 """Train-step throughput of the three encoder modes for a config (default: the demo config).
 
-  python benchmarks/encoder_modes.py [configs/demo.py]
+  python -m benchmarks.encoder_modes [--config=configs/demo.py]
 
 capjax's own train step for each mode (`capjax.state`), on random data from the shared harness, one
 process, all local devices; steady state after one compiled step.
@@ -10,15 +10,20 @@ import importlib.util
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __package__ in (None, ''):  # run as `python benchmarks/encoder_modes.py`
+  sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-import jax  # noqa: E402
-import optax  # noqa: E402
+from absl import app
+from absl import flags
+import jax
+import optax
 
-from benchmarks import harness  # noqa: E402
-from capjax import mesh as mesh_lib  # noqa: E402
-from capjax import state as state_lib  # noqa: E402
-from capjax.models import captioner  # noqa: E402
+from benchmarks import harness
+from capjax import mesh as mesh_lib
+from capjax import state as state_lib
+from capjax.models import captioner
+
+FLAGS = flags.FLAGS
 
 VOCAB_SIZE = 40
 CACHED_BATCH = 256  # decoder-only steps are cheap: a larger batch measures throughput, not overhead
@@ -46,7 +51,15 @@ def measure(config, mode: str, mesh, steps: int) -> tuple[int, float]:
   return batch_size, batch_size * steps / seconds
 
 
-def main(config_path: str = 'configs/demo.py') -> None:
+def define_flags() -> None:
+  # Only when this file runs as the program: absl flags are process-global and the benchmarks import
+  # one another (benchmarks/harness.py, "Flags").
+  flags.DEFINE_string('config', 'configs/demo.py', 'Config file: its image size, batch and dtype are used.')
+
+
+def main(argv):
+  harness.start(argv)
+  config_path = FLAGS.config
   config = load_config(config_path)
   mesh = mesh_lib.make_mesh()
   print(f'{config_path}: {config.data.image_size} px, {config.model.dtype}, {jax.device_count()} '
@@ -58,4 +71,5 @@ def main(config_path: str = 'configs/demo.py') -> None:
 
 
 if __name__ == '__main__':
-  main(*sys.argv[1:])
+  define_flags()
+  app.run(main)

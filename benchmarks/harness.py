@@ -1,5 +1,5 @@
-"""What every benchmark shares: machine load, device facts, peak FLOP/s, test JPEGs, synthetic batches,
-tables and JSON."""
+"""What every benchmark shares: its flags, machine load, device facts, peak FLOP/s, test JPEGs, synthetic
+batches, tables and JSON."""
 
 import dataclasses
 import datetime
@@ -10,12 +10,18 @@ import os
 import platform
 import sys
 import time
+import types
 
+from absl import app
+from absl import flags
+from absl import logging
 import numpy as np
 
 from capjax import vocab as vocab_lib
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Every benchmark's raw results, the investigations' (benchmarks/investigations/) included.
+RESULTS_DIR = os.path.join(REPO_ROOT, 'benchmarks', 'results')
 
 # Dense peak FLOP/s per chip from the vendors' data sheets (SXM parts unless named). float32 is the
 # TF32 tensor-core rate: XLA's default matmul/conv precision on Ampere and newer GPUs uses TF32 for
@@ -30,6 +36,31 @@ PEAK_FLOPS = (
 
 # Another process using more than this many cores during a run marks the machine as busy.
 BUSY_CORES = 0.25
+
+
+# ----------------------------------------------------------------------------------------------
+# Flags. Each script defines its absl flags in `define_flags()`, called only when the file runs as the
+# program (`if __name__ == '__main__': define_flags(); app.run(main)`): absl flags are process-global,
+# the scripts import one another and the tests import several into one process, and many share names
+# (--steps, --output...).
+
+
+def script_flags() -> types.SimpleNamespace:
+  """The parsed flags that the program (the file run as `__main__`) defined, one attribute each, in the
+  order defined: what `argparse` returned (`vars()` of it is the settings a result records)."""
+  # absl files the flags that `__main__` defines under sys.argv[0], as --helpshort reads them.
+  own = flags.FLAGS.get_key_flags_for_module(sys.argv[0])
+  return types.SimpleNamespace(**{flag.name: flag.value for flag in own})
+
+
+def start(argv: list[str]) -> None:
+  """What every benchmark's `main(argv)` does first. absl leaves the arguments that are not flags in argv:
+  no benchmark takes any. `app.run` turns on the libraries' INFO logs (jax, orbax...): as in launch.py,
+  they stay off unless --verbosity asks for them, so a run shows what the script prints."""
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments {argv[1:]}: every setting is a --flag (see --helpshort)')
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
 
 
 def on_cpu() -> bool:
@@ -265,4 +296,4 @@ def _jsonable(value):
 def default_output(script_file: str) -> str:
   """benchmarks/results/<script>.json: the raw numbers behind benchmarks/RESULTS.md."""
   name = os.path.splitext(os.path.basename(script_file))[0]
-  return os.path.join(os.path.dirname(os.path.abspath(script_file)), 'results', f'{name}.json')
+  return os.path.join(RESULTS_DIR, f'{name}.json')

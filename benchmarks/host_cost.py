@@ -32,13 +32,15 @@ machine barely moves it. What it leaves out: moving the batch
 to the accelerator (a DMA on GPUs; on this CPU backend a memcpy) and what the train step does.
 """
 
-import argparse
 import os
 import sys
 import time
 
 if __package__ in (None, ''):  # run as `python benchmarks/host_cost.py`
   sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+from absl import app
+from absl import flags
 
 from benchmarks import harness
 from capjax import images
@@ -106,23 +108,24 @@ def measure(path: str, records: list, vocab, args) -> dict:
           'batch_fields': {k: (v.shape, str(v.dtype)) for k, v in batch.items()}}
 
 
-def parse_args():
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--paths', default=','.join(PATHS))
-  parser.add_argument('--image_size', type=int, default=224)
-  parser.add_argument('--store_size', type=int, default=256, help='data.store_size (device paths)')
-  parser.add_argument('--cache_min_side', type=int, default=256, help='data.cache_images_min_side')
-  parser.add_argument('--seq_per_img', type=int, default=5)
-  parser.add_argument('--batch_size', type=int, default=32)
-  parser.add_argument('--batches', type=int, default=24)
-  parser.add_argument('--num_images', type=int, default=128, help='distinct generated JPEGs')
-  parser.add_argument('--split_images', type=int, default=6000, help='images in the training split')
-  parser.add_argument('--output', default=None, help='default benchmarks/results/host_cost.json')
-  return parser.parse_args()
+def define_flags() -> None:
+  # Only when this file runs as the program: absl flags are process-global and the benchmarks import
+  # one another (benchmarks/harness.py, "Flags").
+  flags.DEFINE_string('paths', ','.join(PATHS), 'Feeding paths to measure, comma-separated.')
+  flags.DEFINE_integer('image_size', 224, 'Image side the train step gets.')
+  flags.DEFINE_integer('store_size', 256, 'data.store_size (device paths).')
+  flags.DEFINE_integer('cache_min_side', 256, 'data.cache_images_min_side.')
+  flags.DEFINE_integer('seq_per_img', 5, 'Captions per image in an example.')
+  flags.DEFINE_integer('batch_size', 32, 'Examples per batch.')
+  flags.DEFINE_integer('batches', 24, 'Batches timed per path.')
+  flags.DEFINE_integer('num_images', 128, 'Distinct generated JPEGs.')
+  flags.DEFINE_integer('split_images', 6000, 'Images in the training split.')
+  flags.DEFINE_string('output', None, 'JSON path; default benchmarks/results/host_cost.json.')
 
 
-def main():
-  args = parse_args()
+def main(argv):
+  harness.start(argv)
+  args = harness.script_flags()
   records = harness.flickr_like_records(args.num_images)
   vocab = harness.vocabulary_of(records)
   before = harness.idle_check()
@@ -143,4 +146,5 @@ def main():
 
 
 if __name__ == '__main__':
-  main()
+  define_flags()
+  app.run(main)

@@ -38,28 +38,34 @@ from capjax import mesh as mesh_lib
 from capjax import vocab as vocab_lib
 from capjax.models import captioner
 
-_BATCH_SIZES = flags.DEFINE_list('batch_sizes', None, 'Default: 1,8,32 on CPU, 1,32,256 otherwise.')
-_BEAM = flags.DEFINE_integer('beam_size', 5, 'Beam size of the beam-search rows.')
-_MODES = flags.DEFINE_list('modes', ['greedy', 'beam'], 'greedy and/or beam.')
-_IMPLS = flags.DEFINE_list('impls', ['capjax', 'torch'], 'Implementations to time.')
-_IMAGE_SIZE = flags.DEFINE_integer('image_size', 224, 'Square image side in pixels.')
-_MAX_LEN = flags.DEFINE_integer('max_len', 20, 'Generated tokens per caption.')
-_VOCAB = flags.DEFINE_integer('vocab_size', 5507, 'Vocabulary size (5,507: the seed on Flickr8k).')
-_DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype (capjax model '
-                           'dtype; torch autocast).')
-_REPS = flags.DEFINE_integer('reps', 0, 'Least timed calls per row; 0: 2 on CPU, 20 otherwise.')
-_MIN_SECONDS = flags.DEFINE_float('min_seconds', 1.0, 'Timed calls go on until this much time passed.')
-_FULL_LENGTH = flags.DEFINE_bool('full_length', True, 'Suppress <END> so every caption decodes '
-                                 '--max_len steps in both implementations.')
-_DECODER_ONLY = flags.DEFINE_bool('decoder_only', False, 'Decode from random image vectors: no ResNet.')
-_TORCH_THREADS = flags.DEFINE_integer('torch_threads', 0, 'torch intra-op threads; 0: its default.')
-_OUTPUT = flags.DEFINE_string('output', None, 'JSON path; default benchmarks/results/inference.json.')
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  # Only when this file runs as the program: absl flags are process-global and the benchmarks import
+  # one another (benchmarks/harness.py, "Flags").
+  flags.DEFINE_list('batch_sizes', None, 'Default: 1,8,32 on CPU, 1,32,256 otherwise.')
+  flags.DEFINE_integer('beam_size', 5, 'Beam size of the beam-search rows.')
+  flags.DEFINE_list('modes', ['greedy', 'beam'], 'greedy and/or beam.')
+  flags.DEFINE_list('impls', ['capjax', 'torch'], 'Implementations to time.')
+  flags.DEFINE_integer('image_size', 224, 'Square image side in pixels.')
+  flags.DEFINE_integer('max_len', 20, 'Generated tokens per caption.')
+  flags.DEFINE_integer('vocab_size', 5507, 'Vocabulary size (5,507: the seed on Flickr8k).')
+  flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype (capjax model '
+                    'dtype; torch autocast).')
+  flags.DEFINE_integer('reps', 0, 'Least timed calls per row; 0: 2 on CPU, 20 otherwise.')
+  flags.DEFINE_float('min_seconds', 1.0, 'Timed calls go on until this much time passed.')
+  flags.DEFINE_bool('full_length', True, 'Suppress <END> so every caption decodes '
+                    '--max_len steps in both implementations.')
+  flags.DEFINE_bool('decoder_only', False, 'Decode from random image vectors: no ResNet.')
+  flags.DEFINE_integer('torch_threads', 0, 'torch intra-op threads; 0: its default.')
+  flags.DEFINE_string('output', None, 'JSON path; default benchmarks/results/inference.json.')
 
 
 def capjax_fn(model, mesh, beam_size: int):
-  if not _DECODER_ONLY.value:
-    return inference.make_caption_fn(model, mesh, max_len=_MAX_LEN.value, beam_size=beam_size)
-  fn = functools.partial(inference.generate_from_encoded, model, max_len=_MAX_LEN.value,
+  if not FLAGS.decoder_only:
+    return inference.make_caption_fn(model, mesh, max_len=FLAGS.max_len, beam_size=beam_size)
+  fn = functools.partial(inference.generate_from_encoded, model, max_len=FLAGS.max_len,
                          beam_size=beam_size)
   return jax.jit(fn, in_shardings=(mesh_lib.replicated(mesh), mesh_lib.batch_sharded(mesh)),
                  out_shardings=mesh_lib.replicated(mesh))
@@ -67,15 +73,15 @@ def capjax_fn(model, mesh, beam_size: int):
 
 def torch_fn(reference, beam_size: int, device: str):
   autocast = torch.autocast(device_type=device.split(':')[0], dtype=torch.bfloat16,
-                            enabled=_DTYPE.value == 'bfloat16')
+                            enabled=FLAGS.dtype == 'bfloat16')
 
   def run(inputs):
     with autocast:
-      if _DECODER_ONLY.value:
+      if FLAGS.decoder_only:
         if beam_size == 1:
-          return torch_reference.greedy_decode(reference, inputs, _MAX_LEN.value)
-        return torch_reference.beam_search(reference, inputs, beam_size, _MAX_LEN.value)
-      return torch_reference.caption(reference, inputs, _MAX_LEN.value, beam_size)
+          return torch_reference.greedy_decode(reference, inputs, FLAGS.max_len)
+        return torch_reference.beam_search(reference, inputs, beam_size, FLAGS.max_len)
+      return torch_reference.caption(reference, inputs, FLAGS.max_len, beam_size)
   return run
 
 
@@ -85,7 +91,7 @@ def timed_calls(run, sync, reps: int):
   out = run()
   sync(out)
   calls, start = 0, time.perf_counter()
-  while calls < reps or time.perf_counter() - start < _MIN_SECONDS.value:
+  while calls < reps or time.perf_counter() - start < FLAGS.min_seconds:
     out = run()
     sync(out)
     calls += 1
@@ -93,30 +99,30 @@ def timed_calls(run, sync, reps: int):
 
 
 def make_inputs(batch: int, rng: np.random.Generator) -> np.ndarray:
-  if _DECODER_ONLY.value:
+  if FLAGS.decoder_only:
     return rng.standard_normal((batch, 256)).astype(np.float32)
-  return rng.integers(0, 256, (batch, _IMAGE_SIZE.value, _IMAGE_SIZE.value, 3), np.uint8)
+  return rng.integers(0, 256, (batch, FLAGS.image_size, FLAGS.image_size, 3), np.uint8)
 
 
 def main(argv):
-  del argv
+  harness.start(argv)
   on_cpu = harness.on_cpu()
-  batch_sizes = [int(b) for b in _BATCH_SIZES.value or (['1', '8', '32'] if on_cpu
+  batch_sizes = [int(b) for b in FLAGS.batch_sizes or (['1', '8', '32'] if on_cpu
                                                         else ['1', '32', '256'])]
-  reps = _REPS.value or (2 if on_cpu else 20)
+  reps = FLAGS.reps or (2 if on_cpu else 20)
   device = 'cuda' if torch.cuda.is_available() else 'cpu'
   torch.backends.cudnn.benchmark = True
-  torch_threads = harness.set_torch_threads(_TORCH_THREADS.value)
+  torch_threads = harness.set_torch_threads(FLAGS.torch_threads)
   mesh = mesh_lib.make_mesh()
 
-  reference = torch_reference.random_reference(_VOCAB.value)
-  if _FULL_LENGTH.value:
+  reference = torch_reference.random_reference(FLAGS.vocab_size)
+  if FLAGS.full_length:
     with torch.no_grad():
       reference.readout.bias[vocab_lib.END_ID] = -1e4
   variables = mesh_lib.tree_replicate(torch_reference.capjax_variables(reference), mesh)
   reference = reference.to(device)
-  model = captioner.Captioner(vocab_size=_VOCAB.value,
-                              dtype={'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[_DTYPE.value])
+  model = captioner.Captioner(vocab_size=FLAGS.vocab_size,
+                              dtype={'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[FLAGS.dtype])
 
   before = harness.idle_check()
   print(f'before the run: {harness.describe_load(before)}')
@@ -125,11 +131,11 @@ def main(argv):
   rows = []
   for batch in batch_sizes:
     inputs = make_inputs(batch, rng)
-    for mode in _MODES.value:
-      beam = 1 if mode == 'greedy' else _BEAM.value
+    for mode in FLAGS.modes:
+      beam = 1 if mode == 'greedy' else FLAGS.beam_size
       label = 'greedy' if beam == 1 else f'beam-{beam}'
       outputs, row_load = {}, harness.LoadMonitor()
-      if 'capjax' in _IMPLS.value:
+      if 'capjax' in FLAGS.impls:
         x = mesh_lib.host_batch_to_global({'x': inputs}, mesh)['x']
         start = time.perf_counter()
         compiled = capjax_fn(model, mesh, beam).lower(variables, x).compile()
@@ -138,7 +144,7 @@ def main(argv):
         outputs['capjax'] = np.asarray(out)
         rows.append({'impl': 'capjax', 'mode': label, 'batch': batch, 'compile_s': compile_s,
                      'ms_per_batch': 1e3 * seconds, 'captions_per_s': batch / seconds})
-      if 'torch' in _IMPLS.value:
+      if 'torch' in FLAGS.impls:
         x = torch.from_numpy(inputs).to(device)
         sync = (lambda _: torch.cuda.synchronize()) if device == 'cuda' else (lambda _: None)
         seconds, out = timed_calls(functools.partial(torch_fn(reference, beam, device), x), sync, reps)
@@ -158,11 +164,11 @@ def main(argv):
   harness.print_table(rows, ['impl', 'mode', 'batch', 'compile_s', 'ms_per_batch', 'captions_per_s',
                              'capjax/torch', 'beam/greedy_time', 'same_tokens_%', 'others_cores'])
   print(f'\n{harness.machine_info()}, torch threads {torch_threads}\n{harness.describe_load(load)}')
-  harness.write_json(_OUTPUT.value or harness.default_output(__file__), {
+  harness.write_json(FLAGS.output or harness.default_output(__file__), {
       'benchmark': 'inference', 'argv': sys.argv, 'machine': harness.machine_info(),
       'torch_device': device, 'torch_threads': torch_threads, 'load_before': before, 'load_during': load,
-      'image_size': _IMAGE_SIZE.value, 'max_len': _MAX_LEN.value, 'vocab_size': _VOCAB.value,
-      'dtype': _DTYPE.value, 'full_length': _FULL_LENGTH.value, 'decoder_only': _DECODER_ONLY.value,
+      'image_size': FLAGS.image_size, 'max_len': FLAGS.max_len, 'vocab_size': FLAGS.vocab_size,
+      'dtype': FLAGS.dtype, 'full_length': FLAGS.full_length, 'decoder_only': FLAGS.decoder_only,
       'reps': reps, 'rows': rows})
 
 
@@ -176,4 +182,5 @@ def add_beam_slowdown(rows: list[dict]) -> None:
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -33,18 +33,24 @@ from benchmarks import harness
 from capjax import input_pipeline
 from capjax import vocab as vocab_lib
 
-_WORKERS = flags.DEFINE_list('workers', ['0', '1', '2'], 'Worker process counts to measure.')
-_IMAGE_SIZE = flags.DEFINE_integer('image_size', 224, 'Output image side in pixels.')
-_BATCH = flags.DEFINE_integer('batch_size', 32, 'Images per batch.')
-_BATCHES = flags.DEFINE_integer('batches', 16, 'Batches drawn from each pipeline.')
-_TRANSFORM_IMAGES = flags.DEFINE_integer('transform_images', 64, 'Images for the 1-thread transform '
-                                         'timing.')
-_NUM_IMAGES = flags.DEFINE_integer('num_images', 256, 'Distinct JPEGs (generated or read).')
-_IMAGE_DIR = flags.DEFINE_string('image_dir', None, 'A glob of real JPEGs to read instead of '
-                                 'generating 500x375 ones, e.g. Flickr8k Images/*.jpg.')
-_TORCH_THREADS = flags.DEFINE_integer('torch_threads', 0, 'torch intra-op threads in this process '
-                                      '(DataLoader workers always use 1); 0: its default.')
-_OUTPUT = flags.DEFINE_string('output', None, 'JSON path; default benchmarks/results/input_pipeline.json.')
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  # Only when this file runs as the program: absl flags are process-global and the benchmarks import
+  # one another (benchmarks/harness.py, "Flags").
+  flags.DEFINE_list('workers', ['0', '1', '2'], 'Worker process counts to measure.')
+  flags.DEFINE_integer('image_size', 224, 'Output image side in pixels.')
+  flags.DEFINE_integer('batch_size', 32, 'Images per batch.')
+  flags.DEFINE_integer('batches', 16, 'Batches drawn from each pipeline.')
+  flags.DEFINE_integer('transform_images', 64, 'Images for the 1-thread transform '
+                       'timing.')
+  flags.DEFINE_integer('num_images', 256, 'Distinct JPEGs (generated or read).')
+  flags.DEFINE_string('image_dir', None, 'A glob of real JPEGs to read instead of '
+                      'generating 500x375 ones, e.g. Flickr8k Images/*.jpg.')
+  flags.DEFINE_integer('torch_threads', 0, 'torch intra-op threads in this process '
+                       '(DataLoader workers always use 1); 0: its default.')
+  flags.DEFINE_string('output', None, 'JSON path; default benchmarks/results/input_pipeline.json.')
 
 
 class TorchAugmentedImages:
@@ -75,9 +81,9 @@ class TorchAugmentedImages:
 
 def grain_batches(records, workers: int):
   vocab = harness.vocabulary_of(records)
-  pipeline = input_pipeline.PipelineConfig(image_size=_IMAGE_SIZE.value, max_caption_len=24,
+  pipeline = input_pipeline.PipelineConfig(image_size=FLAGS.image_size, max_caption_len=24,
                                            captions_per_image=1, num_workers=workers)
-  iterator = input_pipeline.make_train_iterator(records, vocab, pipeline, host_batch_size=_BATCH.value)
+  iterator = input_pipeline.make_train_iterator(records, vocab, pipeline, host_batch_size=FLAGS.batch_size)
   try:
     while True:
       yield next(iterator)['image']
@@ -88,7 +94,7 @@ def grain_batches(records, workers: int):
 def torch_batches(records, workers: int):
   import torch  # pylint: disable=g-import-not-at-top
   loader = torch.utils.data.DataLoader(
-      TorchAugmentedImages(records, _IMAGE_SIZE.value), batch_size=_BATCH.value, shuffle=True,
+      TorchAugmentedImages(records, FLAGS.image_size), batch_size=FLAGS.batch_size, shuffle=True,
       num_workers=workers, drop_last=True, persistent_workers=workers > 0)
   while True:  # endless, like grain's repeat()
     yield from loader
@@ -104,12 +110,12 @@ def measure_pipeline(name: str, batches, workers: int) -> dict:
   start = time.perf_counter()
   batch = next(batches)
   first = time.perf_counter()
-  for _ in range(_BATCHES.value - 1):
+  for _ in range(FLAGS.batches - 1):
     batch = next(batches)
   end = time.perf_counter()
   batches.close()
-  assert tuple(batch.shape)[0] == _BATCH.value and str(batch.dtype).endswith('uint8'), batch.dtype
-  images = _BATCHES.value * _BATCH.value
+  assert tuple(batch.shape)[0] == FLAGS.batch_size and str(batch.dtype).endswith('uint8'), batch.dtype
+  images = FLAGS.batches * FLAGS.batch_size
   return {'stage': 'pipeline', 'impl': name, 'workers': workers, 'first_batch_s': first - start,
           'images_per_s': images / (end - start), 'others_cores': monitor.report()['others_cores']}
 
@@ -129,11 +135,13 @@ def measure_transform(name: str, transform, records) -> dict:
 
 def transform_rows(records) -> list[dict]:
   vocab = vocab_lib.build_vocabulary(['a photo'], min_count=1)
-  example = input_pipeline.TrainExample(vocab, _IMAGE_SIZE.value, 24, input_pipeline.AugmentConfig())
+  pipeline = input_pipeline.PipelineConfig(image_size=FLAGS.image_size, max_caption_len=24,
+                                           captions_per_image=1)
+  example = input_pipeline.TrainExample(vocab, pipeline)
   rng = np.random.default_rng(0)
-  torch_dataset = TorchAugmentedImages(records, _IMAGE_SIZE.value)
-  records = records[:_TRANSFORM_IMAGES.value]
-  capjax_row = measure_transform('capjax TrainExample', lambda r: example.random_map((r, 0), rng),
+  torch_dataset = TorchAugmentedImages(records, FLAGS.image_size)
+  records = records[:FLAGS.transform_images]
+  capjax_row = measure_transform('capjax TrainExample', lambda r: example.random_map((0, r, 0), rng),
                                  records)
   torch_row = measure_transform('torchvision transforms', lambda r: torch_dataset.decode(r['image']),
                                 records)
@@ -142,23 +150,23 @@ def transform_rows(records) -> list[dict]:
 
 
 def main(argv):
-  del argv
-  if _IMAGE_DIR.value:
-    records = harness.records_from_dir(_IMAGE_DIR.value, _NUM_IMAGES.value)
+  harness.start(argv)
+  if FLAGS.image_dir:
+    records = harness.records_from_dir(FLAGS.image_dir, FLAGS.num_images)
   else:
-    records = harness.flickr_like_records(_NUM_IMAGES.value)
+    records = harness.flickr_like_records(FLAGS.num_images)
   width, height = Image.open(io.BytesIO(records[0]['image'])).size
   mean_kb = sum(len(r['image']) for r in records) / len(records) / 1024
   print(f'{len(records)} JPEGs, first {width}x{height}, mean {mean_kb:.0f} KiB')
   # Imported here, not at module scope: grain's spawned workers re-import this module and would
   # each load torch. Imported before timing so that no first batch pays for it.
   import torchvision  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-  torch_threads = harness.set_torch_threads(_TORCH_THREADS.value)
+  torch_threads = harness.set_torch_threads(FLAGS.torch_threads)
   before = harness.idle_check()
   print(f'before the run: {harness.describe_load(before)}')
   monitor = harness.LoadMonitor()
   rows = transform_rows(records)
-  for workers in (int(w) for w in _WORKERS.value):
+  for workers in (int(w) for w in FLAGS.workers):
     grain_row = measure_pipeline('capjax grain', grain_batches(records, workers), workers)
     torch_row = measure_pipeline('torch DataLoader', torch_batches(records, workers), workers)
     grain_row['capjax/torch'] = grain_row['images_per_s'] / torch_row['images_per_s']
@@ -170,13 +178,14 @@ def main(argv):
   harness.print_table(rows, ['stage', 'impl', 'workers', 'first_batch_s', 'images_per_s',
                             'capjax/torch', 'others_cores'])
   print(f'\n{harness.machine_info()}, torch threads {torch_threads}\n{harness.describe_load(load)}')
-  harness.write_json(_OUTPUT.value or harness.default_output(__file__), {
+  harness.write_json(FLAGS.output or harness.default_output(__file__), {
       'benchmark': 'input_pipeline', 'argv': sys.argv, 'machine': harness.machine_info(),
       'torch_threads': torch_threads,
-      'load_before': before, 'load_during': load, 'image_size': _IMAGE_SIZE.value,
-      'batch_size': _BATCH.value, 'source': _IMAGE_DIR.value or f'generated {width}x{height} JPEGs',
+      'load_before': before, 'load_during': load, 'image_size': FLAGS.image_size,
+      'batch_size': FLAGS.batch_size, 'source': FLAGS.image_dir or f'generated {width}x{height} JPEGs',
       'mean_jpeg_kib': mean_kb, 'rows': rows})
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

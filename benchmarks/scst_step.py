@@ -16,7 +16,6 @@ then scores the longest captions it ever will (its worst case); a trained model 
 sample lengths of a real SCST run. The demo data is built into --data_dir if it is not there.
 """
 
-import argparse
 import dataclasses
 import os
 import sys
@@ -25,11 +24,12 @@ import time
 if __package__ in (None, ''):  # run as `python benchmarks/scst_step.py`
   sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+from absl import app
+from absl import flags
 import jax
 import numpy as np
 
 from benchmarks import harness
-from capjax import evaluation
 from capjax import inference
 from capjax import input_pipeline
 from capjax import mesh as mesh_lib
@@ -37,26 +37,28 @@ from capjax import scst
 from capjax import state as state_lib
 from capjax import vocab as vocab_lib
 from capjax.data import prepare
+from capjax.data import records as records_lib
 from capjax.models import captioner
 from configs import demo_scst
 
 
-def parse_args():
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--data_dir', default='workdirs/data', help='where the demo data is (or is built)')
-  parser.add_argument('--init_from', default='', help='a trained demo workdir (its best checkpoint)')
-  parser.add_argument('--batch', type=int, default=0, help='images per step; 0: the config\'s')
-  parser.add_argument('--samples', type=int, default=0, help='samples per image; 0: the config\'s')
-  parser.add_argument('--encoder_mode', default='', help="'train' or 'frozen'; empty: the config's")
-  parser.add_argument('--baseline', default='', help="'greedy' or 'mean'; empty: the config's")
-  parser.add_argument('--warmup', type=int, default=2)
-  parser.add_argument('--steps', type=int, default=8)
-  parser.add_argument('--output', default=None, help='default benchmarks/results/scst_step.json')
-  return parser.parse_args()
+def define_flags() -> None:
+  # Only when this file runs as the program: absl flags are process-global and the benchmarks import
+  # one another (benchmarks/harness.py, "Flags").
+  flags.DEFINE_string('data_dir', 'workdirs/data', 'Where the demo data is (or is built).')
+  flags.DEFINE_string('init_from', '', 'A trained demo workdir (its best checkpoint); empty: random init.')
+  flags.DEFINE_integer('batch', 0, "Images per step; 0: the config's.")
+  flags.DEFINE_integer('samples', 0, "Samples per image; 0: the config's.")
+  flags.DEFINE_string('encoder_mode', '', "'train' or 'frozen'; empty: the config's.")
+  flags.DEFINE_string('baseline', '', "'greedy' or 'mean'; empty: the config's.")
+  flags.DEFINE_integer('warmup', 2, 'Untimed steps first (compilation).')
+  flags.DEFINE_integer('steps', 8, 'Timed steps.')
+  flags.DEFINE_string('output', None, 'JSON path; default benchmarks/results/scst_step.json.')
 
 
-def main():
-  args = parse_args()
+def main(argv):
+  harness.start(argv)
+  args = harness.script_flags()
   config = demo_scst.get_config()
   config.data.data_dir = os.path.abspath(args.data_dir)
   if args.batch:
@@ -74,7 +76,7 @@ def main():
   if args.init_from:
     _, vocab, _, variables, init_step = inference.restore_variables(args.init_from, 'best', mesh)
   else:
-    vocab = vocab_lib.build_vocabulary(evaluation.training_captions(splits['train']),
+    vocab = vocab_lib.build_vocabulary(records_lib.all_captions(splits['train']),
                                        min_count=config.data.min_word_count)
     variables, init_step = None, None
   model = captioner.build_captioner(config.model, len(vocab))
@@ -133,4 +135,5 @@ def main():
 
 
 if __name__ == '__main__':
-  main()
+  define_flags()
+  app.run(main)

@@ -42,17 +42,23 @@ from benchmarks import harness
 from capjax import train
 from configs import tiny
 
-_WORKDIR = flags.DEFINE_string('workdir', 'workdirs/demo', 'The served model; without checkpoints there, '
-                               'configs/tiny.py is trained into a temporary directory first.')
-_CLIENTS = flags.DEFINE_integer('clients', 16, 'Concurrent clients of the batched runs.')
-_REQUESTS = flags.DEFINE_integer('requests', 256, 'Requests (one image each) of each batched run.')
-_SEQUENTIAL = flags.DEFINE_integer('sequential_requests', 48, 'Requests of each one-by-one run.')
-_BEAM = flags.DEFINE_integer('beam_size', 3, 'The server\'s --beam_size (it also serves greedy).')
-_MAX_BATCH = flags.DEFINE_integer('max_batch_size', 16, 'The server\'s --max_batch_size.')
-_MAX_WAIT = flags.DEFINE_float('max_wait_ms', 10.0, 'The server\'s --max_wait_ms.')
-_MAX_SECONDS = flags.DEFINE_float('max_seconds', 60.0, 'Each run stops sending requests after this long.')
-_NUM_IMAGES = flags.DEFINE_integer('num_images', 32, 'Distinct test images (sent round robin).')
-_OUTPUT = flags.DEFINE_string('output', None, 'JSON path; default benchmarks/results/serve_load.json.')
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  # Only when this file runs as the program: absl flags are process-global and the benchmarks import
+  # one another (benchmarks/harness.py, "Flags").
+  flags.DEFINE_string('workdir', 'workdirs/demo', 'The served model; without checkpoints there, '
+                      'configs/tiny.py is trained into a temporary directory first.')
+  flags.DEFINE_integer('clients', 16, 'Concurrent clients of the batched runs.')
+  flags.DEFINE_integer('requests', 256, 'Requests (one image each) of each batched run.')
+  flags.DEFINE_integer('sequential_requests', 48, 'Requests of each one-by-one run.')
+  flags.DEFINE_integer('beam_size', 3, 'The server\'s --beam_size (it also serves greedy).')
+  flags.DEFINE_integer('max_batch_size', 16, 'The server\'s --max_batch_size.')
+  flags.DEFINE_float('max_wait_ms', 10.0, 'The server\'s --max_wait_ms.')
+  flags.DEFINE_float('max_seconds', 60.0, 'Each run stops sending requests after this long.')
+  flags.DEFINE_integer('num_images', 32, 'Distinct test images (sent round robin).')
+  flags.DEFINE_string('output', None, 'JSON path; default benchmarks/results/serve_load.json.')
 
 
 def has_checkpoints(workdir: str) -> bool:
@@ -120,7 +126,7 @@ async def send_requests(url: str, images: list[tuple[str, bytes]], *, clients: i
   """`clients` loops each sending one-image requests back to back until `requests` are sent or
   --max_seconds pass. Returns the latencies (s), the wall time and the failures."""
   latencies, failures, sent = [], [], 0
-  deadline = time.perf_counter() + _MAX_SECONDS.value
+  deadline = time.perf_counter() + FLAGS.max_seconds
   limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
   async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as http:
 
@@ -170,21 +176,21 @@ def measure(url: str, pid: int, images, *, label: str, clients: int, requests: i
 
 
 def main(argv):
-  del argv
+  harness.start(argv)
   logging.getLogger('httpx').setLevel(logging.WARNING)  # a line per request otherwise
   tmp = tempfile.TemporaryDirectory(prefix='capjax-serve-load-')
-  workdir, model = _WORKDIR.value, {'workdir': os.path.abspath(_WORKDIR.value)}
+  workdir, model = FLAGS.workdir, {'workdir': os.path.abspath(FLAGS.workdir)}
   if not has_checkpoints(workdir):
     workdir, trained = train_tiny_model(tmp.name)
     model = {'workdir': workdir, **trained}
-  images = [(r['image_id'], r['image']) for r in harness.flickr_like_records(_NUM_IMAGES.value)]
+  images = [(r['image_id'], r['image']) for r in harness.flickr_like_records(FLAGS.num_images)]
   before = harness.idle_check()
   print(f'before the run: {harness.describe_load(before)}')
   port = free_port()
   url = f'http://127.0.0.1:{port}'
   log_path = os.path.join(tmp.name, 'server.log')
-  server = start_server(workdir, port, log_path, beam_size=_BEAM.value, max_batch_size=_MAX_BATCH.value,
-                        max_wait_ms=_MAX_WAIT.value)
+  server = start_server(workdir, port, log_path, beam_size=FLAGS.beam_size,
+                        max_batch_size=FLAGS.max_batch_size, max_wait_ms=FLAGS.max_wait_ms)
   rows = []
   try:
     startup_s = wait_until_serving(url, server, log_path)
@@ -192,14 +198,14 @@ def main(argv):
     model.update({k: served[k] for k in ('step', 'dataset', 'config', 'vocab_size', 'validation')})
     print(f"Serving step {served['step']} of {workdir} ({startup_s:.0f} s to load and compile).")
     monitor, server_start = harness.LoadMonitor(), process_facts(server.pid)
-    for beam_size in (1, _BEAM.value):
+    for beam_size in (1, FLAGS.beam_size):
       name = 'greedy' if beam_size == 1 else f'beam-{beam_size}'
       # Connections, first-call effects: not timed.
       asyncio.run(send_requests(url, images, clients=4, requests=8, beam_size=beam_size))
       one_by_one = measure(url, server.pid, images, label=f'{name}, one by one', clients=1,
-                           requests=_SEQUENTIAL.value, beam_size=beam_size)
-      batched = measure(url, server.pid, images, label=f'{name}, {_CLIENTS.value} clients',
-                        clients=_CLIENTS.value, requests=_REQUESTS.value, beam_size=beam_size)
+                           requests=FLAGS.sequential_requests, beam_size=beam_size)
+      batched = measure(url, server.pid, images, label=f'{name}, {FLAGS.clients} clients',
+                        clients=FLAGS.clients, requests=FLAGS.requests, beam_size=beam_size)
       batched['speedup'] = batched['requests_per_s'] / one_by_one['requests_per_s']
       rows += [one_by_one, batched]
     load = monitor.report()
@@ -219,10 +225,10 @@ def main(argv):
                              'others_cores'])
   print(f'\nmodel: {model}\nserver: exit code {exit_code} {shutdown_s:.1f} s after SIGTERM\n'
         f'{harness.machine_info()}\n{harness.describe_load(load)}')
-  harness.write_json(_OUTPUT.value or harness.default_output(__file__), {
+  harness.write_json(FLAGS.output or harness.default_output(__file__), {
       'benchmark': 'serve_load', 'argv': sys.argv, 'machine': harness.machine_info(), 'model': model,
-      'server': {'beam_size': _BEAM.value, 'max_batch_size': _MAX_BATCH.value,
-                 'max_wait_ms': _MAX_WAIT.value, 'startup_s': startup_s, 'exit_code': exit_code,
+      'server': {'beam_size': FLAGS.beam_size, 'max_batch_size': FLAGS.max_batch_size,
+                 'max_wait_ms': FLAGS.max_wait_ms, 'startup_s': startup_s, 'exit_code': exit_code,
                  'shutdown_s': shutdown_s},
       'images': f'{len(images)} JPEGs of 500x375 (harness.flickr_like_records), one per request',
       'load_before': before, 'load_during': load, 'rows': rows})
@@ -230,4 +236,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -31,9 +31,16 @@ from absl import flags
 
 from benchmarks import harness
 
-_KILLS = flags.DEFINE_integer('kills', 10, 'How many times the run is killed before it may finish.')
-_SEED = flags.DEFINE_integer('seed', 0, 'Seed of the kill times.')
-_OUTPUT = flags.DEFINE_string('output', None, 'JSON path; default benchmarks/results/soak_resume.json.')
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  # Only when this file runs as the program: absl flags are process-global and the benchmarks import
+  # one another (benchmarks/harness.py, "Flags").
+  flags.DEFINE_integer('kills', 10, 'How many times the run is killed before it may finish.')
+  flags.DEFINE_integer('seed', 0, 'Seed of the kill times.')
+  flags.DEFINE_string('output', None, 'JSON path; default benchmarks/results/soak_resume.json.')
+
 
 _OVERRIDES = ['--config.train.num_epochs=3', '--config.train.checkpoint_every_steps=2',
               '--config.train.metrics_every_epochs=1', '--config.train.log_every_steps=1']
@@ -93,8 +100,8 @@ def _last_line(log: str) -> str:
 
 
 def main(argv):
-  del argv
-  rng = random.Random(_SEED.value)
+  harness.start(argv)
+  rng = random.Random(FLAGS.seed)
   with tempfile.TemporaryDirectory() as scratch:
     data_dir = os.path.join(scratch, 'data')
     reference_dir, soaked_dir = os.path.join(scratch, 'reference'), os.path.join(scratch, 'soaked')
@@ -106,8 +113,8 @@ def main(argv):
     print(f'uninterrupted run: {reference_s:.0f} s, {reference_s - startup_s:.0f} s after its first step',
           flush=True)
     attempts = []
-    while sum(a['killed'] for a in attempts) < _KILLS.value:
-      kill_after = rng.uniform(0.0, 2 * (reference_s - startup_s) / _KILLS.value)
+    while sum(a['killed'] for a in attempts) < FLAGS.kills:
+      kill_after = rng.uniform(0.0, 2 * (reference_s - startup_s) / FLAGS.kills)
       if attempts and attempts[-1]['exit_code'] == 0:
         break  # the run finished before all kills were spent
       code, _, seconds = _run(_command(soaked_dir, data_dir), soaked_log, kill_after)
@@ -126,7 +133,7 @@ def main(argv):
   payload = {'kills': sum(a['killed'] for a in attempts), 'attempts': attempts,
              'uninterrupted_seconds': reference_s, 'equal': equal, 'reference': reference,
              'soaked': soaked, 'machine': harness.machine_info()}
-  harness.write_json(_OUTPUT.value or harness.default_output(__file__), payload)
+  harness.write_json(FLAGS.output or harness.default_output(__file__), payload)
   print(f"{payload['kills']} kills; history and final test numbers {'EQUAL' if equal else 'DIFFERENT'} "
         'to the uninterrupted run', flush=True)
   if not equal:
@@ -135,4 +142,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -47,25 +47,31 @@ from capjax.models import captioner
 
 WINS = ('lstm_layout', 'unroll', 'donation', 'loop', 'image_cache')
 
-_WINS = flags.DEFINE_list('wins', list(WINS), f'Which of {WINS} to measure.')
-_VOCAB = flags.DEFINE_integer('vocab', 5507, 'Vocabulary size (5,507: the seed on Flickr8k).')
-_MAX_LEN = flags.DEFINE_integer('caption_len', 24, 'Tokens per caption incl. <START>/<END>.')
-_DECODER_BATCH = flags.DEFINE_integer('decoder_batch', 0, 'Decoder-only batch; 0: 256 per device on '
-                                      'CPU, 4096 per device on accelerators.')
-_IMAGE_BATCH = flags.DEFINE_integer('image_batch', 0, 'Batch of the image steps; 0: 4 per device on '
-                                    'CPU for donation, 32 for the loop; 256 per device on accelerators.')
-_DONATION_SIZE = flags.DEFINE_integer('donation_image_size', 0, 'Image side of the donation step; '
-                                      '0: 64 on CPU (memory analysis does not depend on it), 224 else.')
-_LOOP_SIZE = flags.DEFINE_integer('loop_image_size', 0, 'Image side of the loop; 0: 64 on CPU, 224 else.')
-_LOOP_STEPS = flags.DEFINE_integer('loop_steps', 0, 'Timed loop steps; 0: 20 on CPU, 200 otherwise.')
-_LOOP_ROUNDS = flags.DEFINE_integer('loop_rounds', 3, 'Runs of each loop variant (median reported).')
-_LOG_EVERY = flags.DEFINE_integer('log_every', 10, 'Lazy metrics: fetched every this many steps.')
-_WORKERS = flags.DEFINE_integer('workers', 0, 'grain worker processes in the loop.')
-_ROUNDS = flags.DEFINE_integer('rounds', 0, 'Interleaved timing rounds of the step benchmarks; 0: 5 '
-                               'on CPU, 10 otherwise.')
-_STEPS = flags.DEFINE_integer('steps', 0, 'Steps per variant per round; 0: 2 on CPU, 20 otherwise.')
-_CACHE_IMAGES = flags.DEFINE_integer('cache_images', 128, 'Distinct JPEGs in the image_cache epochs.')
-_OUTPUT = flags.DEFINE_string('output', None, 'JSON path; default benchmarks/results/structural_wins.json.')
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  # Only when this file runs as the program: absl flags are process-global and the benchmarks import
+  # one another (benchmarks/harness.py, "Flags").
+  flags.DEFINE_list('wins', list(WINS), f'Which of {WINS} to measure.')
+  flags.DEFINE_integer('vocab', 5507, 'Vocabulary size (5,507: the seed on Flickr8k).')
+  flags.DEFINE_integer('caption_len', 24, 'Tokens per caption incl. <START>/<END>.')
+  flags.DEFINE_integer('decoder_batch', 0, 'Decoder-only batch; 0: 256 per device on '
+                       'CPU, 4096 per device on accelerators.')
+  flags.DEFINE_integer('image_batch', 0, 'Batch of the image steps; 0: 4 per device on '
+                       'CPU for donation, 32 for the loop; 256 per device on accelerators.')
+  flags.DEFINE_integer('donation_image_size', 0, 'Image side of the donation step; '
+                       '0: 64 on CPU (memory analysis does not depend on it), 224 else.')
+  flags.DEFINE_integer('loop_image_size', 0, 'Image side of the loop; 0: 64 on CPU, 224 else.')
+  flags.DEFINE_integer('loop_steps', 0, 'Timed loop steps; 0: 20 on CPU, 200 otherwise.')
+  flags.DEFINE_integer('loop_rounds', 3, 'Runs of each loop variant (median reported).')
+  flags.DEFINE_integer('log_every', 10, 'Lazy metrics: fetched every this many steps.')
+  flags.DEFINE_integer('workers', 0, 'grain worker processes in the loop.')
+  flags.DEFINE_integer('rounds', 0, 'Interleaved timing rounds of the step benchmarks; 0: 5 '
+                       'on CPU, 10 otherwise.')
+  flags.DEFINE_integer('steps', 0, 'Steps per variant per round; 0: 2 on CPU, 20 otherwise.')
+  flags.DEFINE_integer('cache_images', 128, 'Distinct JPEGs in the image_cache epochs.')
+  flags.DEFINE_string('output', None, 'JSON path; default benchmarks/results/structural_wins.json.')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,7 +147,7 @@ def decoder_step(params, opt_state, batch, *, model, tx):
 def _decoder_batch(batch: int, mesh) -> dict:
   rng = np.random.default_rng(0)
   host = {'image_vec': rng.normal(size=(batch, 256)).astype(np.float32),
-          'tokens': harness.random_tokens(rng, batch, _MAX_LEN.value, _VOCAB.value)}
+          'tokens': harness.random_tokens(rng, batch, FLAGS.caption_len, FLAGS.vocab)}
   return mesh_lib.host_batch_to_global(host, mesh)
 
 
@@ -199,7 +205,7 @@ def time_interleaved(advancers: dict, rounds: int, steps: int) -> dict[str, dict
 
 def _rounds() -> tuple[int, int]:
   """(rounds, steps per round) of the interleaved step timings."""
-  return _ROUNDS.value or (5 if harness.on_cpu() else 10), _STEPS.value or (2 if harness.on_cpu() else 20)
+  return FLAGS.rounds or (5 if harness.on_cpu() else 10), FLAGS.steps or (2 if harness.on_cpu() else 20)
 
 
 def _timing_row(win: str, variant: str, batch: int, unit: str, timing: dict, **extra) -> dict:
@@ -226,13 +232,13 @@ def _decoder_rows(win: str, variants: dict, batch, mesh) -> list[dict]:
 
 
 def measure_lstm_layout(mesh) -> list[dict]:
-  batch = _decoder_batch(harness.default_batch(_DECODER_BATCH.value, 256, 4096), mesh)
-  reference = captioner.CaptionDecoder(_VOCAB.value)
+  batch = _decoder_batch(harness.default_batch(FLAGS.decoder_batch, 256, 4096), mesh)
+  reference = captioner.CaptionDecoder(FLAGS.vocab)
   params = reference.init(jax.random.PRNGKey(0), batch['image_vec'][:2], batch['tokens'][:2, :-1])['params']
   expected = reference.apply({'params': params}, batch['image_vec'][:8], batch['tokens'][:8, :-1])
   variants = {'capjax': (reference, params)}
   for name in ('readout_in', 'both_in'):
-    model = ProjectionsInsideDecoder(_VOCAB.value, readout_inside=name == 'both_in')
+    model = ProjectionsInsideDecoder(FLAGS.vocab, readout_inside=name == 'both_in')
     variant_params = params_from_capjax(params, readout_inside=name == 'both_in')
     got = model.apply({'params': variant_params}, batch['image_vec'][:8], batch['tokens'][:8, :-1])
     error = float(jnp.max(jnp.abs(got - expected)))
@@ -243,10 +249,10 @@ def measure_lstm_layout(mesh) -> list[dict]:
 
 
 def measure_unroll(mesh) -> list[dict]:
-  batch = _decoder_batch(harness.default_batch(_DECODER_BATCH.value, 256, 4096), mesh)
+  batch = _decoder_batch(harness.default_batch(FLAGS.decoder_batch, 256, 4096), mesh)
   variants = {}
   for unroll in (1, 2, 4, 8):
-    model = captioner.CaptionDecoder(_VOCAB.value, lstm_unroll=unroll)
+    model = captioner.CaptionDecoder(FLAGS.vocab, lstm_unroll=unroll)
     params = model.init(jax.random.PRNGKey(0), batch['image_vec'][:2], batch['tokens'][:2, :-1])['params']
     variants[f'unroll {unroll}'] = (model, params)
   return _relative_to(_decoder_rows('unroll', variants, batch, mesh), 'unroll 1')
@@ -273,11 +279,11 @@ def _memory(compiled) -> dict:
 
 
 def measure_donation(mesh) -> list[dict]:
-  size = _DONATION_SIZE.value or (64 if harness.on_cpu() else 224)
-  batch_size = harness.default_batch(_IMAGE_BATCH.value, 4, 256)
-  model = captioner.Captioner(vocab_size=_VOCAB.value)
+  size = FLAGS.donation_image_size or (64 if harness.on_cpu() else 224)
+  batch_size = harness.default_batch(FLAGS.image_batch, 4, 256)
+  model = captioner.Captioner(vocab_size=FLAGS.vocab)
   tx = harness.default_optimizer('train')
-  host = harness.synthetic_batch('train', batch_size, size, _MAX_LEN.value, _VOCAB.value)
+  host = harness.synthetic_batch('train', batch_size, size, FLAGS.caption_len, FLAGS.vocab)
   batch = mesh_lib.host_batch_to_global(host, mesh)
   replicated = mesh_lib.replicated(mesh)
   advancers, facts = {}, {}
@@ -287,7 +293,7 @@ def measure_donation(mesh) -> list[dict]:
                                      tx=tx),
                    in_shardings=(replicated, mesh_lib.batch_sharded(mesh)),
                    out_shardings=(replicated, replicated), donate_argnums=(0,) if donate else ())
-    state = state_lib.create_train_state(model, tx, 0, size, _MAX_LEN.value, mesh)
+    state = state_lib.create_train_state(model, tx, 0, size, FLAGS.caption_len, mesh)
     start = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     facts[name] = {'compile_s': time.perf_counter() - start,
@@ -346,9 +352,9 @@ def run_loop(compiled, state, iterator, mesh, *, steps: int, warmup: int, prefet
 
 
 def measure_loop(mesh) -> list[dict]:
-  size = _LOOP_SIZE.value or (64 if harness.on_cpu() else 224)
-  batch_size = harness.default_batch(_IMAGE_BATCH.value, 32, 256)
-  steps = _LOOP_STEPS.value or (20 if harness.on_cpu() else 200)
+  size = FLAGS.loop_image_size or (64 if harness.on_cpu() else 224)
+  batch_size = harness.default_batch(FLAGS.image_batch, 32, 256)
+  steps = FLAGS.loop_steps or (20 if harness.on_cpu() else 200)
   records = harness.flickr_like_records(64)
   vocab = harness.vocabulary_of(records)
   model = captioner.Captioner(vocab_size=len(vocab), trunk_mode='frozen')
@@ -356,19 +362,19 @@ def measure_loop(mesh) -> list[dict]:
   compiled = state_lib.compile_train_step(state_lib.teacher_forced_logits(model), tx, mesh)
   variants = [(prefetch, lazy) for prefetch in (True, False) for lazy in (True, False)]
   runs = {v: [] for v in variants}
-  rounds = _LOOP_ROUNDS.value
+  rounds = FLAGS.loop_rounds
   for r in range(rounds):  # order rotated every round, as in time_interleaved
     for prefetch, lazy in rotated(variants, r):
-      state = state_lib.create_train_state(model, tx, 0, size, _MAX_LEN.value, mesh)
+      state = state_lib.create_train_state(model, tx, 0, size, FLAGS.caption_len, mesh)
       iterator = input_pipeline.make_train_iterator(
           records, vocab, input_pipeline.PipelineConfig(
-              image_size=size, max_caption_len=_MAX_LEN.value, captions_per_image=5,
-              num_workers=_WORKERS.value),
+              image_size=size, max_caption_len=FLAGS.caption_len, captions_per_image=5,
+              num_workers=FLAGS.workers),
           host_batch_size=batch_size // jax.process_count())
       try:
         runs[prefetch, lazy].append(run_loop(
             compiled, state, iterator, mesh, steps=steps, warmup=2, prefetch=prefetch,
-            fetch_every=_LOG_EVERY.value if lazy else 1))
+            fetch_every=FLAGS.log_every if lazy else 1))
       finally:
         iterator.close()
       harness.wait_until_quiet()
@@ -378,7 +384,7 @@ def measure_loop(mesh) -> list[dict]:
     waited = float(np.median([w for _, w in results]))
     rates = sorted(batch_size * steps / s for s, _ in results)
     variant = (f"prefetch {'on' if prefetch else 'off'}, metrics "
-               f"{'every %d steps' % _LOG_EVERY.value if lazy else 'every step'}")
+               f"{'every %d steps' % FLAGS.log_every if lazy else 'every step'}")
     rows.append({'win': 'loop', 'variant': variant, 'step_ms': 1e3 * seconds / steps,
                  'per_s': batch_size * steps / seconds,
                  'per_s_range': (rates[0], rates[-1]),
@@ -386,7 +392,7 @@ def measure_loop(mesh) -> list[dict]:
                  'steps_per_round': steps, 'wait_%': 100 * waited / seconds})
     print(f"  loop {variant}: {rows[-1]['per_s']:,.1f} images/s, waiting "
           f"{rows[-1]['wait_%']:.1f}%", flush=True)
-  return _relative_to(rows, f'prefetch on, metrics every {_LOG_EVERY.value} steps')
+  return _relative_to(rows, f'prefetch on, metrics every {FLAGS.log_every} steps')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -402,7 +408,7 @@ def _epoch_rate(iterator, batches: int, batch_size: int) -> float:
 
 def measure_image_cache(mesh) -> list[dict]:
   del mesh
-  num_images = _CACHE_IMAGES.value
+  num_images = FLAGS.cache_images
   records = harness.flickr_like_records(num_images)
   vocab = harness.vocabulary_of(records)
   batch_size = 16
@@ -413,7 +419,7 @@ def measure_image_cache(mesh) -> list[dict]:
       source = input_pipeline.DecodedImageCache(records, min_side) if cached else records
       iterator = input_pipeline.make_train_iterator(
           source, vocab, input_pipeline.PipelineConfig(
-              image_size=size, max_caption_len=_MAX_LEN.value, captions_per_image=5,
+              image_size=size, max_caption_len=FLAGS.caption_len, captions_per_image=5,
               random_caption=True),
           host_batch_size=batch_size)
       try:
@@ -453,8 +459,8 @@ MEASURES = {'lstm_layout': measure_lstm_layout, 'unroll': measure_unroll,
 
 
 def main(argv):
-  del argv
-  unknown = set(_WINS.value) - set(WINS)
+  harness.start(argv)
+  unknown = set(FLAGS.wins) - set(WINS)
   if unknown:
     raise app.UsageError(f'--wins: unknown {sorted(unknown)}; expected some of {WINS}')
   before = harness.idle_check()
@@ -462,18 +468,19 @@ def main(argv):
   mesh = mesh_lib.make_mesh()
   monitor = harness.LoadMonitor()
   rows: list[dict[str, Any]] = []
-  for win in _WINS.value:
+  for win in FLAGS.wins:
     rows.extend(MEASURES[win](mesh))
   load = monitor.report()
   print()
   harness.print_table(rows, ['win', 'variant', 'batch', 'compile_s', 'step_ms', 'per_s', 'unit',
                              'vs_baseline', 'wait_%', 'new_buffers_mib', 'alias_mib', 'cache_mib'])
   print(f'\n{harness.machine_info()}\n{harness.describe_load(load)}')
-  harness.write_json(_OUTPUT.value or harness.default_output(__file__), {
+  harness.write_json(FLAGS.output or harness.default_output(__file__), {
       'benchmark': 'structural_wins', 'argv': sys.argv, 'machine': harness.machine_info(),
-      'load_before': before, 'load_during': load, 'vocab_size': _VOCAB.value,
-      'caption_len': _MAX_LEN.value, 'rows': rows})
+      'load_before': before, 'load_during': load, 'vocab_size': FLAGS.vocab,
+      'caption_len': FLAGS.caption_len, 'rows': rows})
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

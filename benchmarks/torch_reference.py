@@ -8,7 +8,7 @@ and beam search over the whole batch x beam at once (a finished beam is frozen a
 for its slot; raw log-prob scores), both stopping early once every row has emitted <END>.
 
 `capjax_variables(model)` converts the weights into a capjax variables tree, so both frameworks can
-run the very same network; `python -m benchmarks.torch_reference` checks that they agree.
+run the very same network; `python -m benchmarks.torch_reference` checks that they agree (no flags).
 """
 
 import os
@@ -17,11 +17,13 @@ import sys
 if __package__ in (None, ''):  # run as `python benchmarks/torch_reference.py`
   sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+from absl import app
 import numpy as np
 import torch
 from torch import nn
 import torchvision
 
+from benchmarks import harness
 from capjax import vocab as vocab_lib
 from capjax.models import captioner
 
@@ -199,6 +201,11 @@ def check_against_capjax(vocab_size: int = 50, image_size: int = 64, max_len: in
   return result
 
 
-if __name__ == '__main__':
+def main(argv):
+  harness.start(argv)
   print(check_against_capjax())
   print('torch reference == capjax on the same weights (logits, greedy, beam 3, beam 1 == greedy)')
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -44,28 +44,35 @@ from capjax import state as state_lib
 from capjax import vocab as vocab_lib
 from capjax.models import captioner
 
-_MODES = flags.DEFINE_list('modes', ['train', 'frozen', 'cached'], 'Encoder modes to measure.')
-_DTYPES = flags.DEFINE_list('dtypes', ['float32', 'bfloat16'], 'Compute dtypes (params stay float32).')
-_IMAGE_SIZE = flags.DEFINE_integer('image_size', 224, 'Square image side in pixels.')
-_BATCH = flags.DEFINE_integer('batch_size', 0, 'Global batch for the image modes; 0: 4 per device '
-                              'on CPU, 256 per device on accelerators.')
-_DECODER_BATCH = flags.DEFINE_integer('decoder_batch_size', 0, 'Global batch for the cached mode; '
-                                      '0: 256 per device on CPU, 4096 per device on accelerators.')
-_STEPS = flags.DEFINE_integer('steps', 0, 'Timed steps; 0: 2 on CPU, 50 on accelerators.')
-_WARMUP = flags.DEFINE_integer('warmup', 1, 'Untimed steps after compiling.')
-_UNROLLS = flags.DEFINE_list('lstm_unroll', ['1'], 'LSTM scan unroll factors (e.g. 1,4,8): each '
-                             'one is a separate row.')
-_VOCAB = flags.DEFINE_integer('vocab_size', 5507, 'Vocabulary size (5,507: the seed on Flickr8k).')
-_MAX_LEN = flags.DEFINE_integer('max_caption_len', 24, 'Tokens per caption incl. <START>/<END>.')
-_FLOPS = flags.DEFINE_enum('flops', 'xla', ['xla', 'analytic'], 'How FLOPs per step are counted.')
-_WITH_PIPELINE = flags.DEFINE_bool('with_pipeline', False, 'Image modes: feed steps from the grain '
-                                   'pipeline and report the time spent waiting for data.')
-_PIPELINE_WORKERS = flags.DEFINE_integer('pipeline_workers', 0, 'grain worker processes.')
-_PIPELINE_IMAGES = flags.DEFINE_integer('pipeline_images', 64, 'Distinct JPEGs in the pipeline source.')
-_TORCH_MODES = flags.DEFINE_list('torch_modes', ['train', 'cached'], 'Modes (train, cached) also '
-                                 'timed with the PyTorch eager reference (float32) as a yardstick.')
-_TORCH_THREADS = flags.DEFINE_integer('torch_threads', 0, 'torch intra-op threads; 0: its default.')
-_OUTPUT = flags.DEFINE_string('output', None, 'JSON path; default benchmarks/results/train_throughput.json.')
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  # Only when this file runs as the program: absl flags are process-global and the benchmarks import
+  # one another (benchmarks/harness.py, "Flags").
+  flags.DEFINE_list('modes', ['train', 'frozen', 'cached'], 'Encoder modes to measure.')
+  flags.DEFINE_list('dtypes', ['float32', 'bfloat16'], 'Compute dtypes (params stay float32).')
+  flags.DEFINE_integer('image_size', 224, 'Square image side in pixels.')
+  flags.DEFINE_integer('batch_size', 0, 'Global batch for the image modes; 0: 4 per device '
+                       'on CPU, 256 per device on accelerators.')
+  flags.DEFINE_integer('decoder_batch_size', 0, 'Global batch for the cached mode; '
+                       '0: 256 per device on CPU, 4096 per device on accelerators.')
+  flags.DEFINE_integer('steps', 0, 'Timed steps; 0: 2 on CPU, 50 on accelerators.')
+  flags.DEFINE_integer('warmup', 1, 'Untimed steps after compiling.')
+  flags.DEFINE_list('lstm_unroll', ['1'], 'LSTM scan unroll factors (e.g. 1,4,8): each '
+                    'one is a separate row.')
+  flags.DEFINE_integer('vocab_size', 5507, 'Vocabulary size (5,507: the seed on Flickr8k).')
+  flags.DEFINE_integer('max_caption_len', 24, 'Tokens per caption incl. <START>/<END>.')
+  flags.DEFINE_enum('flops', 'xla', ['xla', 'analytic'], 'How FLOPs per step are counted.')
+  flags.DEFINE_bool('with_pipeline', False, 'Image modes: feed steps from the grain '
+                    'pipeline and report the time spent waiting for data.')
+  flags.DEFINE_integer('pipeline_workers', 0, 'grain worker processes.')
+  flags.DEFINE_integer('pipeline_images', 64, 'Distinct JPEGs in the pipeline source.')
+  flags.DEFINE_list('torch_modes', ['train', 'cached'], 'Modes (train, cached) also '
+                    'timed with the PyTorch eager reference (float32) as a yardstick.')
+  flags.DEFINE_integer('torch_threads', 0, 'torch intra-op threads; 0: its default.')
+  flags.DEFINE_string('output', None, 'JSON path; default benchmarks/results/train_throughput.json.')
+
 
 RESNET50_FWD_FLOPS_224 = 8.2e9  # 4.1 G multiply-adds (the often quoted "4.1 GFLOPs") = 8.2 GFLOPs
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -117,12 +124,12 @@ def uncounted_scan_flops(batch: int, max_len: int, unroll: int, hidden: int = 25
 
 def build_step(mode: str, dtype: str, unroll: int, mesh):
   """(jitted step, initial state) for one configuration."""
-  model = captioner.Captioner(vocab_size=_VOCAB.value, lstm_unroll=unroll,
+  model = captioner.Captioner(vocab_size=FLAGS.vocab_size, lstm_unroll=unroll,
                               trunk_mode='frozen' if mode == 'frozen' else 'train',
                               dtype=DTYPES[dtype])
   tx = harness.default_optimizer(mode)
   logits_fn = state_lib.teacher_forced_logits(model, from_features=mode == 'cached')
-  state = state_lib.create_train_state(model, tx, 0, _IMAGE_SIZE.value, _MAX_LEN.value, mesh)
+  state = state_lib.create_train_state(model, tx, 0, FLAGS.image_size, FLAGS.max_caption_len, mesh)
   return state_lib.compile_train_step(logits_fn, tx, mesh), state
 
 
@@ -143,38 +150,39 @@ def pipeline_batches(iterator, mesh):
 
 
 def make_pipeline(batch: int):
-  records = harness.flickr_like_records(_PIPELINE_IMAGES.value)
+  records = harness.flickr_like_records(FLAGS.pipeline_images)
   vocab = harness.vocabulary_of(records)
   pipeline = input_pipeline.PipelineConfig(
-      image_size=_IMAGE_SIZE.value, max_caption_len=_MAX_LEN.value, captions_per_image=5,
-      num_workers=_PIPELINE_WORKERS.value)
+      image_size=FLAGS.image_size, max_caption_len=FLAGS.max_caption_len, captions_per_image=5,
+      num_workers=FLAGS.pipeline_workers)
   return input_pipeline.make_train_iterator(records, vocab, pipeline,
                                             host_batch_size=batch // jax.process_count())
 
 
 def measure(mode: str, dtype: str, unroll: int, mesh) -> dict:
   image_mode = mode != 'cached'
-  batch = (harness.default_batch(_BATCH.value, 4, 256) if image_mode
-           else harness.default_batch(_DECODER_BATCH.value, 256, 4096))
-  steps = _STEPS.value or (2 if harness.on_cpu() else 50)
+  batch = (harness.default_batch(FLAGS.batch_size, 4, 256) if image_mode
+           else harness.default_batch(FLAGS.decoder_batch_size, 256, 4096))
+  steps = FLAGS.steps or (2 if harness.on_cpu() else 50)
   step_fn, state = build_step(mode, dtype, unroll, mesh)
-  host_batch = harness.synthetic_batch(mode, batch, _IMAGE_SIZE.value, _MAX_LEN.value, _VOCAB.value)
+  host_batch = harness.synthetic_batch(mode, batch, FLAGS.image_size, FLAGS.max_caption_len, FLAGS.vocab_size)
   device_batch = mesh_lib.host_batch_to_global(host_batch, mesh)
 
   start = time.perf_counter()
   compiled = step_fn.lower(state, device_batch).compile()
   compile_s = time.perf_counter() - start
 
-  with_pipeline = _WITH_PIPELINE.value and image_mode
+  with_pipeline = FLAGS.with_pipeline and image_mode
   batches = (pipeline_batches(make_pipeline(batch), mesh) if with_pipeline
              else harness.repeat_batch(device_batch))
-  _, seconds, waited = harness.time_steps(compiled, state, batches, _WARMUP.value, steps)
+  _, seconds, waited = harness.time_steps(compiled, state, batches, FLAGS.warmup, steps)
   batches.close()
 
-  analytic = analytic_flops_per_example(mode, _IMAGE_SIZE.value, _VOCAB.value, _MAX_LEN.value) * batch
-  counted = xla_flops(compiled, mesh.devices.size) if _FLOPS.value == 'xla' else None
+  analytic = analytic_flops_per_example(mode, FLAGS.image_size, FLAGS.vocab_size,
+                                        FLAGS.max_caption_len) * batch
+  counted = xla_flops(compiled, mesh.devices.size) if FLAGS.flops == 'xla' else None
   if counted is not None:
-    counted += uncounted_scan_flops(batch, _MAX_LEN.value, unroll)
+    counted += uncounted_scan_flops(batch, FLAGS.max_caption_len, unroll)
   flops, source = (counted, 'xla') if counted is not None else (analytic, 'analytic')
   peak = harness.peak_flops(jax.devices()[0].device_kind, dtype)
   step_s = seconds / steps
@@ -213,12 +221,12 @@ def measure_torch(mode: str, mesh) -> dict:
   device = 'cuda' if torch.cuda.is_available() else 'cpu'
   sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
   image_mode = mode == 'train'
-  batch = (harness.default_batch(_BATCH.value, 4, 256) if image_mode
-           else harness.default_batch(_DECODER_BATCH.value, 256, 4096)) // mesh.devices.size  # per device
-  host = harness.synthetic_batch(mode, batch, _IMAGE_SIZE.value, _MAX_LEN.value, _VOCAB.value)
+  batch = (harness.default_batch(FLAGS.batch_size, 4, 256) if image_mode
+           else harness.default_batch(FLAGS.decoder_batch_size, 256, 4096)) // mesh.devices.size  # per device
+  host = harness.synthetic_batch(mode, batch, FLAGS.image_size, FLAGS.max_caption_len, FLAGS.vocab_size)
   inputs = {k: torch.from_numpy(v).to(device) for k, v in host.items()}
   inputs['tokens'] = inputs['tokens'].long()
-  model = torch_reference.random_reference(_VOCAB.value).to(device).train()
+  model = torch_reference.random_reference(FLAGS.vocab_size).to(device).train()
   params = [p for name, p in model.named_parameters() if image_mode or not name.startswith('trunk')]
   optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4)
 
@@ -229,42 +237,42 @@ def measure_torch(mode: str, mesh) -> dict:
     torch.nn.utils.clip_grad_norm_(params, 5.0)
     optimizer.step()
 
-  for _ in range(_WARMUP.value):
+  for _ in range(FLAGS.warmup):
     step()
   sync()
-  steps = _STEPS.value or (2 if harness.on_cpu() else 50)
+  steps = FLAGS.steps or (2 if harness.on_cpu() else 50)
   start = time.perf_counter()
   for _ in range(steps):
     step()
   sync()
   step_s = (time.perf_counter() - start) / steps
-  flops = analytic_flops_per_example(mode, _IMAGE_SIZE.value, _VOCAB.value, _MAX_LEN.value)
+  flops = analytic_flops_per_example(mode, FLAGS.image_size, FLAGS.vocab_size, FLAGS.max_caption_len)
   peak = harness.peak_flops(torch.cuda.get_device_name() if device == 'cuda' else 'cpu', 'float32')
   return {'mode': f'{mode} (torch eager)', 'dtype': 'float32', 'batch': batch, 'steps': steps,
           'step_ms': 1e3 * step_s, 'per_s': batch / step_s,
           'unit': 'images/s' if image_mode else 'captions/s',
           'gflop_per_example': flops / 1e9, 'flops_source': 'analytic',
           'mfu': flops * batch / step_s / peak if peak else None, 'data_wait_fraction': None,
-          'torch_threads': harness.set_torch_threads(_TORCH_THREADS.value)}
+          'torch_threads': harness.set_torch_threads(FLAGS.torch_threads)}
 
 
 def main(argv):
-  del argv
+  harness.start(argv)
   before = harness.idle_check()
   print(f'before the run: {harness.describe_load(before)}')
   mesh = mesh_lib.make_mesh()
   monitor = harness.LoadMonitor()
   rows = []
-  for mode in _MODES.value:
-    for dtype in _DTYPES.value:
-      for unroll in (int(u) for u in _UNROLLS.value):
+  for mode in FLAGS.modes:
+    for dtype in FLAGS.dtypes:
+      for unroll in (int(u) for u in FLAGS.lstm_unroll):
         row = measure(mode, dtype, unroll, mesh)
         print(f"  {mode} {dtype} unroll={unroll}: {row['per_s']:,.1f} {row['unit']} "
               f"(compile {row['compile_s']:.1f} s)", flush=True)
         rows.append(row)
-  if _TORCH_MODES.value:
-    harness.set_torch_threads(_TORCH_THREADS.value)
-  for mode in _TORCH_MODES.value:
+  if FLAGS.torch_modes:
+    harness.set_torch_threads(FLAGS.torch_threads)
+  for mode in FLAGS.torch_modes:
     rows.append(measure_torch(mode, mesh))
     print(f"  torch eager {mode} float32: {rows[-1]['per_s']:,.1f} {rows[-1]['unit']} "
           f"({rows[-1]['torch_threads']} threads)", flush=True)
@@ -275,16 +283,17 @@ def main(argv):
     row['wait_%'] = None if row['data_wait_fraction'] is None else round(100 * row['data_wait_fraction'], 1)
   columns = ['mode', 'dtype', 'unroll', 'batch', 'compile_s', 'step_ms', 'per_s', 'unit',
              'gflop_per_example', 'flops_source', 'mfu_%', 'torch_threads']
-  if _WITH_PIPELINE.value:
+  if FLAGS.with_pipeline:
     columns.append('wait_%')
   harness.print_table(rows, columns)
   print(f'\n{harness.machine_info()}\n{harness.describe_load(load)}')
-  harness.write_json(_OUTPUT.value or harness.default_output(__file__), {
+  harness.write_json(FLAGS.output or harness.default_output(__file__), {
       'benchmark': 'train_throughput', 'argv': sys.argv, 'machine': harness.machine_info(),
-      'load_before': before, 'load_during': load, 'image_size': _IMAGE_SIZE.value,
-      'vocab_size': _VOCAB.value, 'max_caption_len': _MAX_LEN.value,
-      'pipeline_workers': _PIPELINE_WORKERS.value if _WITH_PIPELINE.value else None, 'rows': rows})
+      'load_before': before, 'load_during': load, 'image_size': FLAGS.image_size,
+      'vocab_size': FLAGS.vocab_size, 'max_caption_len': FLAGS.max_caption_len,
+      'pipeline_workers': FLAGS.pipeline_workers if FLAGS.with_pipeline else None, 'rows': rows})
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

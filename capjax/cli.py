@@ -11,17 +11,21 @@ import sys
 import jax
 import numpy as np
 
-from capjax import attention_figures
 from capjax import errors
-from capjax import evaluation
 from capjax import fileio
 from capjax import images
 from capjax import inference
 from capjax import input_pipeline
-from capjax import reporting
+from capjax import progress
 from capjax import state as state_lib
 from capjax import train as train_lib
 from capjax.data import prepare
+from capjax.evaluation import analysis
+from capjax.evaluation import attention_figures
+from capjax.evaluation import captioning
+from capjax.evaluation import evaluator
+from capjax.evaluation import loss as loss_lib
+from capjax.evaluation import outputs
 
 NUM_EXAMPLES_PRINTED = 6
 
@@ -30,10 +34,7 @@ NUM_EXAMPLES_PRINTED = 6
 class FinalReport:
   """The end-of-run report on the test split (what `python launch.py` prints at the end)."""
   test_loss: float
-  metrics: dict[str, float]  # greedy captions: BLEU-1..4, CIDEr
-  baseline: dict[str, float]  # the same metrics for the most common training caption everywhere
-  captions: list[dict]  # {'index', 'image_id', 'caption', 'references'} per test image
-  content: dict | None  # the demo's content score (capjax/content_score.py); None for real datasets
+  evaluation: analysis.Evaluation  # greedy captions of the test split, scored, with the trivial baseline
 
 
 def train(config, workdir: str, *, allow_config_change: Sequence[str] = ()) -> FinalReport:
@@ -45,48 +46,41 @@ def train(config, workdir: str, *, allow_config_change: Sequence[str] = ()) -> F
 def final_report(result: train_lib.TrainResult, config, workdir: str, splits) -> FinalReport:
   """After training: held-out loss, example captions next to references, BLEU-4 vs a trivial
   baseline (what `python launch.py` prints at the end of the demo), and the test split's evaluation
-  report (greedy; JSON + HTML, see `evaluation.analyse`) in the workdir."""
+  (greedy; JSON, HTML report and caption grid, see `capjax.evaluation.outputs`) in the workdir."""
   eval_fn = state_lib.compile_eval_step(state_lib.teacher_forced_logits(result.model), result.mesh)
-  test_loss = evaluation.split_loss(
+  test_loss = loss_lib.split_loss(
       eval_fn, result.state, splits['test'], result.vocab,
       input_pipeline.PipelineConfig.from_config(config), batch_size=config.train.eval_batch_size,
       mesh=result.mesh).mean
-  results = evaluation.caption_split(result.model, result.state, result.vocab, splits['test'],
-                                     result.mesh, config, with_attention=True)
-  train_captions = evaluation.training_captions(splits['train'])
-  step = int(jax.device_get(result.state.step))
-  decode = evaluation.DecodeSettings(beam_size=1, max_len=config.data.max_caption_len - 1)
-  facts = evaluation.provenance(
-      config, workdir=workdir, split='test', source=splits['test'], results=results, step=step,
-      checkpoint_choice='end of training, the final weights', decode=decode)
-  evaluated = evaluation.analyse(results, source=splits['test'], train_captions=train_captions,
-                                 vocab=result.vocab, provenance=facts,
-                                 stem=evaluation.eval_stem('test', step, decode))
-  scores, content = evaluated.record['metrics'], evaluated.record['content']
-  baseline, baseline_caption = evaluation.most_common_caption_baseline(train_captions, results)
+  evaluated = evaluator.evaluate(
+      result.model, result.state.variables, config=config, vocab=result.vocab, splits=splits, split='test',
+      mesh=result.mesh, decode=captioning.DecodeSettings(beam_size=1), workdir=workdir,
+      step=int(jax.device_get(result.state.step)), checkpoint_choice='end of training, the final weights',
+      baseline=True)
+  scores, content, baseline = evaluated.metrics, evaluated.content, evaluated.baseline
   lines = [f'Test loss (per token): {test_loss:.4f}', 'Held-out test images (greedy):']
-  for r in results[:NUM_EXAMPLES_PRINTED]:
-    lines += [f"  {r['image_id']}", f"    model: {r['caption']}", f"    ref:   {r['references'][0]}"]
-  lines += [f"Test BLEU-4 {scores['Bleu_4']:.3f}  CIDEr {scores['CIDEr']:.3f}  ({len(results)} images)",
-            f"Trivial baseline (\"{baseline_caption}\" for every image): BLEU-4 "
-            f"{baseline['Bleu_4']:.3f}  CIDEr {baseline['CIDEr']:.3f}"]
+  for c in evaluated.captioned[:NUM_EXAMPLES_PRINTED]:
+    lines += [f'  {c.image_id}', f'    model: {c.caption}', f'    ref:   {c.references[0]}']
+  lines += [f"Test BLEU-4 {scores['Bleu_4']:.3f}  CIDEr {scores['CIDEr']:.3f}  "
+            f"({len(evaluated.captioned)} images)",
+            f"Trivial baseline (\"{baseline.caption}\" for every image): BLEU-4 "
+            f"{baseline.metrics['Bleu_4']:.3f}  CIDEr {baseline.metrics['CIDEr']:.3f}"]
   if content:
-    lines.append(f"Test content: right objects {content['objects_right']:.1%}  colours "
-                 f"{content['colours_right']:.1%}  shapes {content['shapes_right']:.1%}  positions "
-                 f"right {content['positions_right']:.1%}, wrong {content['positions_wrong']:.1%}"
-                 + (f"  pointing {content['pointing']:.1%} (random cell {content['pointing_chance']:.1%})"
-                    if content.get('pointing') is not None else ''))
-  if evaluated.record['collapse']['warning']:
-    lines.append('WARNING: ' + evaluated.record['collapse']['warning'])
-  lines.append('Provenance: ' + evaluation.provenance_line(evaluated.record['provenance']))
-  paths = evaluation.write_evaluation(evaluated, results, splits['test'], workdir)
+    pointing = content.pointing
+    lines.append(f'Test content: right objects {content.objects_right:.1%}  colours '
+                 f'{content.colours_right:.1%}  shapes {content.shapes_right:.1%}  positions '
+                 f'right {content.positions_right:.1%}, wrong {content.positions_wrong:.1%}'
+                 + (f'  pointing {pointing.rate:.1%} (random cell {pointing.chance:.1%})'
+                    if pointing is not None and pointing.rate is not None else ''))
+  if evaluated.collapse.warning:
+    lines.append('WARNING: ' + evaluated.collapse.warning)
+  lines.append('Provenance: ' + evaluated.provenance.line())
+  paths = outputs.write_evaluation(evaluated, splits['test'], workdir)
   lines.append(f"Test report: {paths['html']} (open it in a browser; metrics, provenance, per-image "
-               f"scores in {os.path.basename(paths['json'])})")
-  reporting.say('\n'.join(lines))
-  if jax.process_index() == 0:
-    evaluation.save_caption_grid(results, splits['test'], os.path.join(workdir, 'test_examples.png'))
-  return FinalReport(test_loss=test_loss, metrics=scores, baseline=baseline, captions=results,
-                     content=content)
+               f"scores in {os.path.basename(paths['json'])}; example captions in "
+               f"{os.path.basename(paths['png'])})")
+  progress.say('\n'.join(lines))
+  return FinalReport(test_loss=test_loss, evaluation=evaluated)
 
 
 def find_images(pattern: str) -> list[str]:
@@ -135,29 +129,25 @@ def caption_images(workdir: str, images_pattern: str, *, output: str | None = No
         print(f'{path}: error: not a readable image ({type(e).__name__}: {e})', file=sys.stderr)
         rows.append({'file': path, 'error': f'not a readable image: {e}'})
     batch = [image for _, image in loaded]
-    if not loaded:
-      results = []
-    elif attention_maps:
-      results = captioner.caption(batch, return_attention=True)
-    else:
-      results = captioner.caption(batch)
-    for (path, image), result in zip(loaded, results):
-      caption = result['caption'] if attention_maps else result
+    attended = captioner.caption_with_attention(batch) if attention_maps else [None] * len(batch)
+    captions = [a.caption for a in attended] if attention_maps else captioner.caption(batch)
+    for (path, image), caption, maps in zip(loaded, captions, attended):
       print(f'{path}\t{caption}', flush=True)
       row = {'file': path, 'caption': caption}
-      if attention_maps:
-        row['attention_map'] = _save_attention_map(path, image, result, attention_maps, figure_names)
+      if maps is not None:
+        row['attention_map'] = _save_attention_map(path, image, maps, attention_maps, figure_names)
       rows.append(row)
   if output:
     fileio.write_text(output, ''.join(json.dumps(row, ensure_ascii=False) + '\n' for row in rows))
-    reporting.say(f'Wrote {len(rows)} lines to {output}')
+    progress.say(f'Wrote {len(rows)} lines to {output}')
   if not any('caption' in row for row in rows):
     raise errors.InputError(f'none of the {len(rows)} file(s) of --images={images_pattern!r} could be '
                             'captioned (see the errors above)')
   return rows
 
 
-def _save_attention_map(path: str, image, result: dict, folder: str, taken: set[str]) -> str:
+def _save_attention_map(path: str, image, attended: inference.AttendedCaption, folder: str,
+                        taken: set[str]) -> str:
   """`<folder>/<file stem>.png` (a numbered name when two images share a stem); returns the path."""
   stem = os.path.splitext(os.path.basename(path))[0] or 'image'
   name, n = f'{stem}.png', 1
@@ -166,6 +156,6 @@ def _save_attention_map(path: str, image, result: dict, folder: str, taken: set[
     name = f'{stem}_{n}.png'
   taken.add(name)
   figure = os.path.join(folder, name)
-  attention_figures.save_attention_figure(np.asarray(image, np.uint8), result['words'],
-                                          result['attention'], figure, title=result['caption'])
+  attention_figures.save_attention_figure(np.asarray(image, np.uint8), attended.words, attended.attention,
+                                          figure, title=attended.caption)
   return figure

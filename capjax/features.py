@@ -18,7 +18,8 @@ import numpy as np
 from capjax import fileio
 from capjax import input_pipeline
 from capjax import mesh as mesh_lib
-from capjax import reporting
+from capjax import progress
+from capjax.data import records as records_lib
 
 
 def _trunk_fingerprint(trunk_params) -> str:
@@ -53,8 +54,8 @@ def load_or_extract(workdir: str, split: str, model, variables, source, mesh, *,
   if not reextract and os.path.exists(path) and os.path.exists(path + '.json'):
     if fileio.read_json(path + '.json') == meta:
       return np.load(path)
-    reporting.say(f'{path} was made from other data or trunk weights: extracting again.')
-  reporting.say(f'Extracting trunk features for {len(source)} {split} images ...')
+    progress.say(f'{path} was made from other data or trunk weights: extracting again.')
+  progress.say(f'Extracting trunk features for {len(source)} {split} images ...')
   features = extract_features(model, variables, source, mesh, image_size=image_size,
                               batch_size=batch_size)
   if jax.process_index() == 0:
@@ -72,7 +73,7 @@ class FeatureSource:
     if len(features) != len(source):
       raise ValueError(f'{len(features)} cached feature rows for {len(source)} images')
     self._features = features
-    self._captions = [input_pipeline.record_captions(source[i]) for i in range(len(source))]
+    self._captions = [records_lib.record_captions(source[i]) for i in range(len(source))]
 
   def __len__(self):
     return len(self._captions)

@@ -4,6 +4,7 @@ Notebook use:
     from capjax import inference
     captioner = inference.ImageCaptioner.from_workdir('workdirs/demo', beam_size=3)
     captioner.caption(['photo.jpg', pil_image, uint8_array])  # -> list[str]
+    captioner.caption_with_attention(images)  # attention model -> list[AttendedCaption]
 """
 
 from collections.abc import Sequence
@@ -21,7 +22,30 @@ from capjax import input_pipeline
 from capjax import mesh as mesh_lib
 from capjax import vocab as vocab_lib
 from capjax import workdir as workdir_lib
+from capjax.data import records as records_lib
 from capjax.models import captioner
+
+
+@dataclasses.dataclass(frozen=True)
+class AttendedCaption:
+  """A caption and where each of its words looked: `words` are the caption's words (`<END>` excluded),
+  `attention` float32 (len(words), grid, grid) the weights over the image grid each word was produced
+  with (each map sums to 1)."""
+  caption: str
+  words: list[str]
+  attention: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptionedImage:
+  """One image of a split with its generated caption: `index` is its position in the split (image ids
+  need not be unique), `references` its reference captions; `attended` is set when the caption was
+  decoded with attention maps."""
+  index: int
+  image_id: str
+  references: list[str]
+  caption: str
+  attended: AttendedCaption | None = None
 
 
 def generate_tokens(model, variables, images, *, max_len: int, beam_size: int = 1,
@@ -81,22 +105,19 @@ def make_caption_fn(model, mesh, *, max_len: int, beam_size: int = 1, length_pen
 
 
 def caption_source(caption_fn, variables, source, vocab, mesh, *, image_size: int, batch_size: int,
-                   max_images: int | None = None) -> list[dict]:
-  """Captions images of a split. Returns, on every process, one dict per image in source order:
-  {'index', 'image_id', 'caption', 'references'}; with a `caption_fn` made with `return_attention`,
-  also 'words' and 'attention' (see `attention_result`)."""
+                   max_images: int | None = None) -> list[CaptionedImage]:
+  """Captions images of a split. Returns, on every process, one `CaptionedImage` per image in source
+  order; with a `caption_fn` made with `return_attention`, each carries its `AttendedCaption`."""
   limited = source if not max_images else _Prefix(source, max_images)
   outputs = caption_tokens(caption_fn, variables, limited, mesh, image_size=image_size,
                            batch_size=batch_size)
   results = []
   for i in sorted(outputs):
-    row = {'index': i, 'image_id': input_pipeline.as_text(limited[i]['image_id']),
-           'references': input_pipeline.record_captions(limited[i])}
-    if isinstance(outputs[i], tuple):
-      row.update(attention_result(vocab, *outputs[i]))
-    else:
-      row['caption'] = vocab.decode(outputs[i])
-    results.append(row)
+    attended = attended_caption(vocab, *outputs[i]) if isinstance(outputs[i], tuple) else None
+    results.append(CaptionedImage(
+        index=i, image_id=records_lib.as_text(limited[i]['image_id']),
+        references=records_lib.record_captions(limited[i]),
+        caption=attended.caption if attended else vocab.decode(outputs[i]), attended=attended))
   return results
 
 
@@ -220,21 +241,24 @@ class ImageCaptioner:
                            top_k=self.top_k, no_repeat_ngram=self.no_repeat_ngram,
                            return_attention=return_attention)
 
-  def caption(self, images: Sequence[Any], *, return_attention: bool = False) -> list:
+  def caption(self, images: Sequence[Any]) -> list[str]:
     """Captions for paths, encoded bytes, PIL images or uint8 arrays, in order. With several
-    processes, every process passes the same images; each captions its share of them.
+    processes, every process passes the same images; each captions its share of them."""
+    outputs = self._generate(self._caption_fn, images)
+    return [self.vocab.decode(outputs[i]) for i in range(len(images))]
 
-    return_attention (attention decoder): one dict per image instead, {'caption', 'words' (the
-    caption's words, `<END>` excluded), 'attention' (float32 (len(words), grid, grid): for each word,
-    the weights over the image grid it was produced with; rows sum to 1)}."""
+  def caption_with_attention(self, images: Sequence[Any]) -> list[AttendedCaption]:
+    """`caption`, each with the attention map of every word (attention decoder only)."""
+    if not self.has_attention:
+      raise ValueError('caption_with_attention: this model has no attention (config.model.decoder is seed)')
+    outputs = self._generate(self._caption_with_attention_fn, images)
+    return [attended_caption(self.vocab, *outputs[i]) for i in range(len(images))]
+
+  def _generate(self, caption_fn, images: Sequence[Any]) -> dict[int, Any]:
     if not len(images):
-      return []
-    fn = self._caption_with_attention_fn if return_attention else self._caption_fn
-    outputs = caption_tokens(fn, self.variables, _LoadedImages(images, self.image_size), self.mesh,
-                             image_size=self.image_size, batch_size=self._batch_size())
-    if not return_attention:
-      return [self.vocab.decode(outputs[i]) for i in range(len(images))]
-    return [attention_result(self.vocab, *outputs[i]) for i in range(len(images))]
+      return {}
+    return caption_tokens(caption_fn, self.variables, _LoadedImages(images, self.image_size), self.mesh,
+                          image_size=self.image_size, batch_size=self._batch_size())
 
   def _batch_size(self) -> int:
     """`batch_size` rounded down to a multiple of the device count (at least one per device)."""
@@ -242,9 +266,9 @@ class ImageCaptioner:
     return max(devices, self.batch_size // devices * devices)
 
 
-def attention_result(vocab: vocab_lib.Vocabulary, tokens: np.ndarray, alphas: np.ndarray) -> dict:
-  """One generated row and its attention -> {'caption', 'words', 'attention' (len(words), g, g)}, the
-  grid square (the trunk's map, or config.model.attention_grid)."""
+def attended_caption(vocab: vocab_lib.Vocabulary, tokens: np.ndarray, alphas: np.ndarray) -> AttendedCaption:
+  """One generated row and its attention -> its `AttendedCaption`, the grid square (the trunk's map, or
+  config.model.attention_grid)."""
   grid = int(round(alphas.shape[-1] ** 0.5))
   if grid * grid != alphas.shape[-1]:
     raise ValueError(f'attention over {alphas.shape[-1]} cells is not a square grid')
@@ -257,4 +281,4 @@ def attention_result(vocab: vocab_lib.Vocabulary, tokens: np.ndarray, alphas: np
       kept.append(position)
   words = [vocab.decode([tokens[p]]) for p in kept]
   attention = np.asarray(alphas, np.float32)[kept].reshape(len(kept), grid, grid)
-  return {'caption': ' '.join(words), 'words': words, 'attention': attention}
+  return AttendedCaption(caption=' '.join(words), words=words, attention=attention)

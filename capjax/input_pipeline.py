@@ -23,6 +23,7 @@ from PIL import Image
 
 from capjax import images
 from capjax import vocab as vocab_lib
+from capjax.data import records as records_lib
 
 _SWAP_ON_FLIP = {'left': 'right', 'right': 'left'}
 
@@ -52,29 +53,6 @@ class AugmentConfig:
                cfg.contrast, cfg.rotation_degrees)
 
 
-def as_bytes(value: Any) -> bytes:
-  if isinstance(value, np.ndarray):
-    value = value.item()
-  return value.encode('utf-8') if isinstance(value, str) else bytes(value)
-
-
-def as_text(value: Any) -> str:
-  if isinstance(value, np.ndarray):
-    value = value.item()
-  return value.decode('utf-8') if isinstance(value, bytes) else str(value)
-
-
-def record_captions(record: dict) -> list[str]:
-  return [as_text(c) for c in record['captions']]
-
-
-def record_image(record: dict, min_side: int) -> Image.Image:
-  """The record's picture: pre-decoded pixels when the source holds them, else its encoded file."""
-  if 'pixels' in record:
-    return Image.fromarray(record['pixels'])
-  return images.load_image(as_bytes(record['image']), min_side)
-
-
 class DecodedImageCache:
   """Wraps a source; each image is decoded once, resized so its shorter side is `min_side`, and
   kept in memory as uint8, so epochs after the first skip JPEG decoding. For datasets that fit in
@@ -94,13 +72,13 @@ class DecodedImageCache:
       raise IndexError(f'record {index} of {self._length}')
     if index not in self._cache:
       record = self._source[index]
-      image = images.load_image(as_bytes(record['image']), self._min_side)
+      image = images.load_image(records_lib.as_bytes(record['image']), self._min_side)
       scale = self._min_side / min(image.size)
       if scale < 1:
         image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
                              Image.BILINEAR)
       self._cache[index] = {'pixels': np.asarray(image, np.uint8), 'image_id': record['image_id'],
-                            'captions': record_captions(record)}
+                            'captions': records_lib.record_captions(record)}
     return self._cache[index]
 
 
@@ -162,7 +140,7 @@ class LookupExample(grain.transforms.Map):
 def _pick_captions(record: dict, group: int, per_image: int, rng: np.random.Generator | None) -> list[str]:
   """The captions of one example: group g's (see LookupExample), or for g < 0 drawn with `rng`
   (without replacement when the image has enough)."""
-  captions = record_captions(record)
+  captions = records_lib.record_captions(record)
   n = len(captions)
   if group >= 0:
     return [captions[(group * per_image + j) % n] for j in range(per_image)]
@@ -204,7 +182,8 @@ class TrainExample(_ExampleMaker, grain.transforms.RandomMap):
     if cfg.augment_on_device:
       return self._indexed({'image': _fixed_size(record, cfg.stored_size), 'tokens': self._tokens(captions)},
                            image_index)
-    pixels, flipped = augment_image(record_image(record, cfg.image_size), rng, cfg.image_size, cfg.augment)
+    pixels, flipped = augment_image(records_lib.record_image(record, cfg.image_size), rng, cfg.image_size,
+                                    cfg.augment)
     if flipped:
       captions = [swap_left_right(c) for c in captions]
     return self._indexed({'image': pixels, 'tokens': self._tokens(captions)}, image_index)
@@ -234,7 +213,7 @@ def _fixed_size(record: dict, size: int) -> np.ndarray:
   pixels = record.get('pixels')
   if pixels is not None and pixels.shape == (size, size, 3):
     return pixels
-  return images.resize_image(record_image(record, size), size)
+  return images.resize_image(records_lib.record_image(record, size), size)
 
 
 def image_table(source, size: int) -> np.ndarray:
@@ -249,7 +228,7 @@ class CaptionsOnly:
   """A source's captions without its images (what device-resident training reads each step)."""
 
   def __init__(self, source):
-    self._captions = [record_captions(source[i]) for i in range(len(source))]
+    self._captions = [records_lib.record_captions(source[i]) for i in range(len(source))]
 
   def __len__(self):
     return len(self._captions)
@@ -267,7 +246,7 @@ class EvalExample(grain.transforms.Map):
   def map(self, element):
     _, record, caption_index = element
     tokens = self._vocab.encode(_pick_captions(record, caption_index, 1, None)[0], self._max_len)
-    return {'image': images.resize_image(record_image(record, self._size), self._size),
+    return {'image': images.resize_image(records_lib.record_image(record, self._size), self._size),
             'tokens': tokens}
 
 
@@ -288,9 +267,10 @@ class ImageForCaptioning(grain.transforms.Map):
 
   def map(self, element):
     index, record = element
-    image = record_image(record, self._size)
+    image = records_lib.record_image(record, self._size)
     return {'image': images.resize_image(image, self._size), 'index': np.int32(index),
-            'image_id': as_text(record['image_id']), 'references': record_captions(record)}
+            'image_id': records_lib.as_text(record['image_id']),
+            'references': records_lib.record_captions(record)}
 
 
 @dataclasses.dataclass(frozen=True)

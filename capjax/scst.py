@@ -12,9 +12,10 @@ checkpointing and resume of `train.py` unchanged:
    is the network that captions at test time, not a noisier training-mode variant of it. The key is
    `fold_in(fold_in(state.rng, state.step), 2)`, a function of the saved state, so a resumed run draws
    the samples an unbroken run would.
-2. Reward, on the host (`CaptionReward`): CIDEr-D (capjax/cider.py, the coco-caption definition) of each
-   sample against all of its image's training references, document frequencies from the whole training
-   split; the references are prepared once per run, a step only cooks its candidates (milliseconds).
+2. Reward, on the host (`CaptionReward`): CIDEr-D (capjax/evaluation/cider.py, the coco-caption
+   definition) of each sample against all of its image's training references, document frequencies from
+   the whole training split; the references are prepared once per run, a step only cooks its candidates
+   (milliseconds).
 3. Update, one jitted call (`update_step`): teacher-forced log-probs of the samples under the same
    inference-mode network, the gradient going through it (the trunk too, when it trains), then the
    optimiser. BatchNorm statistics are left as they are: nothing here is a training-mode pass.
@@ -75,13 +76,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from capjax import cider
+from capjax.evaluation import cider
 from capjax import decoding
-from capjax import input_pipeline
 from capjax import mesh as mesh_lib
-from capjax import reporting
+from capjax import progress
 from capjax import state as state_lib
 from capjax import vocab as vocab_lib
+from capjax.data import records as records_lib
 
 OBJECTIVES = ('xent', 'scst')
 BASELINES = ('greedy', 'mean')
@@ -192,7 +193,7 @@ class CaptionReward:
   @classmethod
   def from_source(cls, source, vocab: vocab_lib.Vocabulary, *, reward_end: bool = True) -> 'CaptionReward':
     """From a record source's captions (image i of the source is reference set i)."""
-    return cls([input_pipeline.record_captions(source[i]) for i in range(len(source))], vocab,
+    return cls([records_lib.record_captions(source[i]) for i in range(len(source))], vocab,
                reward_end=reward_end)
 
   @property
@@ -389,8 +390,8 @@ def describe(cfg: ScstConfig, reward: CaptionReward) -> str:
 
 
 def say_start(cfg: ScstConfig, reward: CaptionReward, initialised: bool) -> None:
-  reporting.say(describe(cfg, reward))
+  progress.say(describe(cfg, reward))
   if not initialised:
-    reporting.say('Note: SCST from a model that was not trained with cross-entropy first samples '
-                  'noise; start from a cross-entropy workdir with config.train.init_from.')
+    progress.say('Note: SCST from a model that was not trained with cross-entropy first samples '
+                 'noise; start from a cross-entropy workdir with config.train.init_from.')
 

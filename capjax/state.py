@@ -1,6 +1,6 @@
 """The train state, its optimizer, the loss and the pure train/eval steps, jitted over the mesh.
 
-Nothing here knows about loops, files or evaluation: `train.py` drives these steps, `evaluation.py`
+Nothing here knows about loops, files or evaluation: `train.py` drives these steps, `evaluation.loss`
 uses `compile_eval_step`, and inference restores only the model variables (it never imports this).
 """
 

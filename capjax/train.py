@@ -17,21 +17,22 @@ import ml_collections
 import optax
 
 from capjax import checkpointing
-from capjax import content_score
 from capjax import device_augment
 from capjax import errors
-from capjax import evaluation
 from capjax import features
 from capjax import inference
 from capjax import input_pipeline
 from capjax import mesh as mesh_lib
 from capjax import pretrained
-from capjax import reporting
+from capjax import progress
 from capjax import scst
 from capjax import state as state_lib
 from capjax import vocab as vocab_lib
 from capjax import workdir as workdir_lib
 from capjax.data import prepare
+from capjax.evaluation import captioning
+from capjax.evaluation import content_score
+from capjax.evaluation import loss as loss_lib
 from capjax.models import captioner
 
 
@@ -78,10 +79,9 @@ class _Run:
             'epoch_loss_steps': self.epoch_loss_steps, 'nonfinite_steps': self.nonfinite_steps,
             'epoch_reward_sum': self.epoch_reward_sum}
 
-  def val_loss(self, state) -> evaluation.SplitLoss:
-    return evaluation.split_loss(self.eval_fn, state, self.loss_sources['validation'], self.vocab,
-                                 self.pipeline, batch_size=self.config.train.eval_batch_size,
-                                 mesh=self.mesh)
+  def val_loss(self, state) -> loss_lib.SplitLoss:
+    return loss_lib.split_loss(self.eval_fn, state, self.loss_sources['validation'], self.vocab,
+                               self.pipeline, batch_size=self.config.train.eval_batch_size, mesh=self.mesh)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -98,9 +98,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if config.train.get('init_from'):
     config.train.init_from = os.path.abspath(os.path.expanduser(config.train.init_from))
   if config.train.best_metric not in ('', 'val_loss', 'train_loss') and not config.train.metrics_every_epochs:
-    reporting.say(f'Note: config.train.best_metric={config.train.best_metric!r} is never computed with '
-                  "metrics_every_epochs=0, so 'best' is the latest checkpoint (best_metric='val_loss' "
-                  'ranks by validation loss).')
+    progress.say(f'Note: config.train.best_metric={config.train.best_metric!r} is never computed with '
+                 "metrics_every_epochs=0, so 'best' is the latest checkpoint (best_metric='val_loss' "
+                 'ranks by validation loss).')
   os.makedirs(workdir, exist_ok=True)
   with workdir_lib.training_lock(workdir):
     if splits is None:
@@ -115,20 +115,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     # Only now, with the run going ahead, do the workdir's files change.
     workdir_lib.save_vocab(workdir, vocab)
     workdir_lib.save_config(workdir, config)
-    run.writer = reporting.make_writer(workdir)
+    run.writer = progress.make_writer(workdir)
     return _train(run, state, train_iter)
 
 
 def _train(run: '_Run', state, train_iter) -> TrainResult:
   config, workdir, vocab = run.config, run.workdir, run.vocab
-  reporting.say(f'Training {run.total_steps} steps ({run.steps_per_epoch} per epoch, global batch '
-                f'{config.train.batch_size}, {run.mesh.devices.size} devices, vocabulary {len(vocab)}, '
-                f'encoder {config.model.encoder_mode}, objective {_objective(config)}).')
+  progress.say(f'Training {run.total_steps} steps ({run.steps_per_epoch} per epoch, global batch '
+               f'{config.train.batch_size}, {run.mesh.devices.size} devices, vocabulary {len(vocab)}, '
+               f'encoder {config.model.encoder_mode}, objective {_objective(config)}).')
   state, step_losses = _train_loop(run, state, train_iter)
   run.checkpointer.close()
-  reporting.close_writer(run.writer)
+  progress.close_writer(run.writer)
   if jax.process_index() == 0 and run.history:
-    reporting.plot_loss_curves(run.history, os.path.join(workdir, 'loss_curves.png'))
+    progress.plot_loss_curves(run.history, os.path.join(workdir, 'loss_curves.png'))
   return TrainResult(state=state, history=run.history, step_losses=step_losses, vocab=vocab,
                      model=run.model, mesh=run.mesh)
 
@@ -226,8 +226,8 @@ def _with_init_from(state: state_lib.TrainState, init_from: str, vocab, mesh) ->
     raise errors.ConfigMismatch(
         f'config.train.init_from={init_from}: its model has parameters this config\'s lacks '
         f'({jax.tree_util.keystr(next(iter(theirs)))}); init_from needs the same config.model')
-  reporting.say(f'Initialised params and batch_stats from {init_from} (checkpoint {step}); the optimizer '
-                'starts fresh.')
+  progress.say(f'Initialised params and batch_stats from {init_from} (checkpoint {step}); the optimizer '
+               'starts fresh.')
   return state.replace(params=variables['params'], batch_stats=variables['batch_stats'])
 
 
@@ -256,8 +256,8 @@ def _resume(run: _Run, state: state_lib.TrainState, train_iter,
     info = run.checkpointer.run_info(step)
     changes = {}
     if info is None:
-      reporting.say(f'Checkpoint {step} predates run fingerprints: its config and vocabulary are '
-                    'not checked.')
+      progress.say(f'Checkpoint {step} predates run fingerprints: its config and vocabulary are '
+                   'not checked.')
     else:
       changes = workdir_lib.check_resume(info['identity'], run.identity, allow_config_change,
                                          where=f'checkpoint {step} in {run.checkpointer.directory}')
@@ -272,7 +272,7 @@ def _resume(run: _Run, state: state_lib.TrainState, train_iter,
   run.nonfinite_steps = info.get('nonfinite_steps', 0)
   run.epoch_reward_sum = info.get('epoch_reward_sum', 0.0)
   changed = f' with config changes {changes}' if changes else ''
-  reporting.say(f'Resumed from step {step} in {run.workdir}{changed}.')
+  progress.say(f'Resumed from step {step} in {run.workdir}{changed}.')
   return state
 
 
@@ -298,17 +298,17 @@ def _device_resident(config, num_images: int) -> bool:
   if 'bytes_limit' in stats:
     limit = min(limit, stats['bytes_limit'] / 3)
   if needed > limit:
-    reporting.say(f'Device-resident data off: the training images need {needed / 2**30:.2f} GiB at '
-                  f'{size} px, over the limit of {limit / 2**30:.2f} GiB; the host feeds them instead.')
+    progress.say(f'Device-resident data off: the training images need {needed / 2**30:.2f} GiB at '
+                 f'{size} px, over the limit of {limit / 2**30:.2f} GiB; the host feeds them instead.')
     return False
-  reporting.say(f'Device-resident data: {num_images} training images, {needed / 2**20:.0f} MiB at {size} px.')
+  progress.say(f'Device-resident data: {num_images} training images, {needed / 2**20:.0f} MiB at {size} px.')
   return True
 
 
 def _with_pretrained_trunk(state: state_lib.TrainState, path: str, mesh) -> state_lib.TrainState:
   """Puts imported ImageNet trunk weights into a fresh state (Adam moments start at zero either way)."""
   variables = pretrained.load_encoder_init(os.path.expanduser(path), state.variables)
-  reporting.say(f'Initialised the ResNet trunk from {path}.')
+  progress.say(f'Initialised the ResNet trunk from {path}.')
   return state.replace(params=mesh_lib.tree_replicate(variables['params'], mesh),
                        batch_stats=mesh_lib.tree_replicate(variables['batch_stats'], mesh))
 
@@ -328,8 +328,8 @@ def _loss_sources(config, pipeline, workdir, model, state, splits, mesh) -> dict
       sources['train'] = input_pipeline.CaptionsOnly(splits['train'])
     return sources
   if not config.model.encoder_init:
-    reporting.say('encoder_mode=cached without encoder_init: the cached features come from a '
-                  'randomly initialised trunk.')
+    progress.say('encoder_mode=cached without encoder_init: the cached features come from a '
+                 'randomly initialised trunk.')
   sources = {}
   for split in ('train', 'validation'):
     rows = features.load_or_extract(
@@ -387,16 +387,16 @@ def _epoch_end(run: _Run, state, epoch: int, data_state) -> None:
   every = cfg.train.metrics_every_epochs
   if every and (epoch % every == 0 or step >= run.total_steps):
     try:
-      record.update(evaluation.caption_metrics_for_split(
-          run.model, state, run.vocab, run.splits['validation'], run.mesh, cfg,
+      record.update(captioning.validation_metrics(
+          run.model, state.variables, run.vocab, run.splits['validation'], run.mesh, cfg,
           metrics=('bleu', 'cider'), max_images=cfg.train.metrics_num_images))
     except Exception as e:  # pylint: disable=broad-except  (metrics must not cost the epoch)
-      reporting.say(f'Warning: epoch {epoch}: caption metrics failed and are left out '
-                    f'({type(e).__name__}: {e}); checkpoint {step} is saved.')
+      progress.say(f'Warning: epoch {epoch}: caption metrics failed and are left out '
+                   f'({type(e).__name__}: {e}); checkpoint {step} is saved.')
       record['metrics_error'] = f'{type(e).__name__}: {e}'
     workdir_lib.save_history(run.workdir, run.history)
   run.checkpointer.record_metrics(step, record)
-  reporting.log_epoch(record, run.writer)
+  progress.log_epoch(record, run.writer)
 
 
 def _train_loop(run: _Run, state, train_iter) -> tuple[state_lib.TrainState, dict[int, float]]:
@@ -407,7 +407,7 @@ def _train_loop(run: _Run, state, train_iter) -> tuple[state_lib.TrainState, dic
   anything non-finite is saved."""
   cfg = run.config
   start_step = int(state.step)
-  progress = reporting.Progress(run.total_steps, start_step, cfg.train.batch_size)
+  progress_line = progress.Progress(run.total_steps, start_step, cfg.train.batch_size)
   pending, step_losses = [], {}
 
   def fetch(step):  # the host never waits on each step: metrics are fetched in groups
@@ -432,11 +432,11 @@ def _train_loop(run: _Run, state, train_iter) -> tuple[state_lib.TrainState, dic
     state, metrics = run.train_fn_for_step(step)(state, batch)
     pending.append(metrics)
     if (step + 1) % cfg.train.log_every_steps == 0 or step + 1 == run.total_steps:
-      progress.update(step + 1, fetch(step + 1), run.schedule(step), run.writer)
+      progress_line.update(step + 1, fetch(step + 1), run.schedule(step), run.writer)
     if (step + 1) % run.steps_per_epoch == 0 or step + 1 == run.total_steps:
       fetch(step + 1)
       _epoch_end(run, state, -(-(step + 1) // run.steps_per_epoch), data_state)
-      progress.restart_clock(step + 1)
+      progress_line.restart_clock(step + 1)
     elif cfg.train.checkpoint_every_steps and (step + 1) % cfg.train.checkpoint_every_steps == 0:
       fetch(step + 1)
       run.checkpointer.save(step + 1, state, data_state, run.run_info())
@@ -447,8 +447,8 @@ def _count_nonfinite(run: _Run, step: int, loss: float, grad_norm: float) -> Non
   run.nonfinite_steps += 1
   allowed = run.config.train.skip_nonfinite_steps
   if run.nonfinite_steps <= allowed:
-    reporting.say(f'Warning: step {step}: loss {loss}, gradient norm {grad_norm}; the update was '
-                  f'skipped ({run.nonfinite_steps} of {allowed} allowed).')
+    progress.say(f'Warning: step {step}: loss {loss}, gradient norm {grad_norm}; the update was '
+                 f'skipped ({run.nonfinite_steps} of {allowed} allowed).')
     return
   saved = run.checkpointer.latest_step()
   raise errors.TrainingDiverged(

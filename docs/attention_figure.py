@@ -23,10 +23,9 @@ from PIL import Image
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path[0] = str(REPO)
 
-from capjax import content_score  # noqa: E402
-from capjax import input_pipeline  # noqa: E402
 from capjax import workdir as workdir_lib  # noqa: E402
 from capjax.data import prepare  # noqa: E402
+from capjax.data import records as records_lib  # noqa: E402
 
 
 def parse_args():
@@ -43,7 +42,7 @@ def main():
   config = workdir_lib.load_config(args.workdir)
   record = prepare.open_dataset(config.data, build_demo=False)['test'][args.index]
   with tempfile.TemporaryDirectory() as tmp:
-    image = pathlib.Path(tmp) / os.path.basename(input_pipeline.as_text(record['image_id']))
+    image = pathlib.Path(tmp) / os.path.basename(records_lib.as_text(record['image_id']))
     image.write_bytes(record['image'])
     maps = pathlib.Path(tmp) / 'maps'
     out = pathlib.Path(tmp) / 'captions.jsonl'
@@ -54,7 +53,7 @@ def main():
     # A 256-colour palette keeps the committed picture small (the maps are gray ramps over flat colour).
     Image.open(rows[0]['attention_map']).convert('RGB').quantize(colors=256).save(args.output, optimize=True)
   print(f"caption: {rows[0]['caption']}")
-  for obj in content_score.record_objects(record) or []:
+  for obj in records_lib.record_objects(record) or []:
     print(f"  truth: {obj['size']} {obj['colour']} {obj['shape']} ({obj['position']}), box {obj['box']}")
   print(f'wrote {args.output}')
 

@@ -25,9 +25,9 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 from benchmarks import serve_load  # noqa: E402
-from capjax import input_pipeline  # noqa: E402
 from capjax import workdir as workdir_lib  # noqa: E402
 from capjax.data import prepare  # noqa: E402
+from capjax.data import records as records_lib  # noqa: E402
 
 
 def parse_args():
@@ -52,7 +52,7 @@ def main():
     paths = []
     for index in range(args.first, args.first + args.images):
       record = test[index]
-      path = tmp / os.path.basename(input_pipeline.as_text(record['image_id']))
+      path = tmp / os.path.basename(records_lib.as_text(record['image_id']))
       path.write_bytes(record['image'])
       paths.append(str(path))
     log = str(tmp / 'server.log')

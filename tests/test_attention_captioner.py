@@ -170,11 +170,11 @@ def test_caption_api_returns_maps_that_sum_to_one_and_the_same_captions():
   api = inference.ImageCaptioner(model, variables, vocab, 32, 8, mesh_lib.make_mesh(), beam_size=2)
   images = list(_images(3))
   plain = api.caption(images)
-  with_maps = api.caption(images, return_attention=True)
-  assert [r['caption'] for r in with_maps] == plain
+  with_maps = api.caption_with_attention(images)
+  assert [r.caption for r in with_maps] == plain
   for result in with_maps:
-    assert result['attention'].shape == (len(result['words']), 2, 2)
-    np.testing.assert_allclose(result['attention'].sum(axis=(1, 2)), 1.0, rtol=1e-5)
+    assert result.attention.shape == (len(result.words), 2, 2)
+    np.testing.assert_allclose(result.attention.sum(axis=(1, 2)), 1.0, rtol=1e-5)
   # Decode options reach the API: with unigram blocking no word repeats.
   blocked = inference.ImageCaptioner(model, variables, vocab, 32, 8, mesh_lib.make_mesh(), beam_size=2,
                                      no_repeat_ngram=1).caption(images)
@@ -183,7 +183,7 @@ def test_caption_api_returns_maps_that_sum_to_one_and_the_same_captions():
   seed_variables = captioner.init_variables(seed_model, jax.random.PRNGKey(0), 32, 12)
   seed_api = inference.ImageCaptioner(seed_model, seed_variables, vocab, 32, 8, mesh_lib.make_mesh())
   with pytest.raises(ValueError, match='no attention'):
-    seed_api.caption(images, return_attention=True)
+    seed_api.caption_with_attention(images)
 
 
 @pytest.fixture(scope='module')
@@ -204,7 +204,7 @@ def test_caption_mode_writes_one_attention_figure_per_image(trained, tmp_path, c
   rows = cli.caption_images(workdir, str(tmp_path / '*.png'), attention_maps=str(folder))
   assert sorted(p.name for p in folder.iterdir()) == ['0.png', '1.png']
   assert all(row['attention_map'].startswith(str(folder)) for row in rows)
-  assert report.content is not None and 'pointing' in report.content
+  assert report.evaluation.content is not None and report.evaluation.content.pointing is not None
 
 
 def test_cached_attention_features_are_a_float16_grid_and_train_like_the_frozen_trunk(tmp_path):

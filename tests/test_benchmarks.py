@@ -1,16 +1,22 @@
 """The benchmarks' own correctness: an ablation must compare the same function, and the interleaved
 timer must give every variant the same treatment. (Speeds themselves are never tested.)"""
 
+import importlib
+import pkgutil
+
+from absl import flags
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import benchmarks
 from benchmarks import harness
-from benchmarks import step_profile
+from benchmarks import investigations
 from benchmarks import structural_wins
-from benchmarks import xla_flags
+from benchmarks.investigations import step_profile
+from benchmarks.investigations import xla_flags
 from capjax import state as state_lib
 from capjax import vocab as vocab_lib
 from capjax.models import captioner
@@ -118,3 +124,15 @@ def test_batchnorm_by_hand_is_flax_batchnorm_with_the_same_gradients_and_running
   with step_profile.BATCHNORMS['by hand']():
     evaluated = evaluating.apply(stats, x)
   np.testing.assert_allclose(evaluated, evaluating.apply(stats, x))
+
+
+def test_every_benchmark_imports_into_one_process_without_defining_flags():
+  # absl flags are process-global and the scripts share names (--steps, --output...): each defines its
+  # flags only when it runs as the program (benchmarks/harness.py, "Flags").
+  names = [f'{package.__name__}.{module.name}' for package in (benchmarks, investigations)
+           for module in pkgutil.iter_modules(package.__path__) if not module.ispkg]
+  assert 'benchmarks.train_throughput' in names and 'benchmarks.investigations.cpu_gap' in names
+  for name in names:
+    importlib.import_module(name)
+  defined = [module for module in flags.FLAGS.flags_by_module_dict() if module.startswith('benchmarks')]
+  assert not defined, defined

@@ -1,5 +1,5 @@
-"""capjax.caption_analysis: per-image scores that add up to the corpus scores, paper-style BLEU checked by
-hand, and the collapse detectors."""
+"""capjax.evaluation.caption_analysis: per-image scores that add up to the corpus scores, paper-style BLEU
+checked by hand, and the collapse detectors."""
 
 import math
 import shutil
@@ -7,8 +7,8 @@ import shutil
 from pycocoevalcap.bleu.bleu import Bleu
 import pytest
 
-from capjax import caption_analysis
-from capjax import metrics
+from capjax.evaluation import caption_analysis
+from capjax.evaluation import metrics
 
 needs_java = pytest.mark.skipif(shutil.which('java') is None, reason='the PTB tokenizer needs Java')
 
@@ -122,18 +122,18 @@ TRAIN = ['A man riding a wave on top of a surfboard.', 'Two dogs play with a fri
 def test_collapse_warning_fires_on_one_caption_for_every_image():
   captions = {i: 'a man riding a wave on top of a surfboard' for i in range(20)}
   report = caption_analysis.collapse_report(captions, TRAIN, 1000, {i: ['A man surfing.'] for i in range(20)})
-  assert report['warning'].startswith('Mode collapse: 1 distinct caption for 20 images')
-  assert '"a man riding a wave on top of a surfboard"' in report['warning']
-  assert (report['distinct_captions'], report['top_caption_share'], report['in_train_fraction']) == (1, 1, 1)
-  assert report['most_repeated'] == [{'caption': 'a man riding a wave on top of a surfboard', 'count': 20,
-                                      'share': 1.0}]
+  assert report.warning.startswith('Mode collapse: 1 distinct caption for 20 images')
+  assert '"a man riding a wave on top of a surfboard"' in report.warning
+  assert (report.distinct_captions, report.top_caption_share, report.in_train_fraction) == (1, 1, 1)
+  assert report.most_repeated == [{'caption': 'a man riding a wave on top of a surfboard', 'count': 20,
+                                   'share': 1.0}]
 
 
 def test_collapse_warning_fires_on_a_handful_of_captions():
   # No caption covers half the images, but only 3 distinct captions for 20 images (15% < 20%).
   captions = {i: ['a dog', 'a cat', 'a bus'][i % 3] for i in range(20)}
   report = caption_analysis.collapse_report(captions, TRAIN, 1000)
-  assert report['top_caption_share'] < caption_analysis.TOP_SHARE_WARNING and report['warning']
+  assert report.top_caption_share < caption_analysis.TOP_SHARE_WARNING and report.warning
 
 
 def test_collapse_warning_fires_on_two_or_three_alternating_captions():
@@ -141,23 +141,23 @@ def test_collapse_warning_fires_on_two_or_three_alternating_captions():
   # quarter are distinct, but three captions cover 15 of the 16.
   written = ['a on on on'] * 6 + ['a a a on on'] * 6 + ['a a a the the the'] * 3 + ['a on']
   report = caption_analysis.collapse_report(dict(enumerate(written)), TRAIN, 33)
-  assert report['top_caption_share'] < caption_analysis.TOP_SHARE_WARNING <= report['top_few_share']
-  assert report['distinct_ratio'] >= caption_analysis.DISTINCT_RATIO_WARNING
-  assert report['top_few_share'] == 15 / 16
-  assert report['warning'].startswith('Mode collapse: 4 distinct captions for 16 images (25%); the most '
-                                      'common one, "a on on on", is written for 6 of them (38%), and the 3 '
-                                      'most common for 15 (94%).')
+  assert report.top_caption_share < caption_analysis.TOP_SHARE_WARNING <= report.top_few_share
+  assert report.distinct_ratio >= caption_analysis.DISTINCT_RATIO_WARNING
+  assert report.top_few_share == 15 / 16
+  assert report.warning.startswith('Mode collapse: 4 distinct captions for 16 images (25%); the most '
+                                   'common one, "a on on on", is written for 6 of them (38%), and the 3 '
+                                   'most common for 15 (94%).')
 
 
 def test_no_collapse_warning_for_varied_captions_or_too_few_images():
-  assert caption_analysis.collapse_report(CANDIDATES, TRAIN, 1000, REFERENCES)['warning'] is None
+  assert caption_analysis.collapse_report(CANDIDATES, TRAIN, 1000, REFERENCES).warning is None
   # A healthy captioner repeats its commonest captions now and then: 3 captions for 2-3 images each.
   varied = [f'a {c} {s} on the {p}' for c in ('red', 'blue', 'green') for s in ('circle', 'square')
             for p in ('left', 'right', 'top')]
   report = caption_analysis.collapse_report(dict(enumerate(varied + varied[:3] + varied[:1])), TRAIN, 33)
-  assert report['top_few_share'] == pytest.approx(7 / 22) and report['warning'] is None
+  assert report.top_few_share == pytest.approx(7 / 22) and report.warning is None
   few = {i: 'a dog' for i in range(caption_analysis.MIN_IMAGES_FOR_WARNING - 1)}
-  assert caption_analysis.collapse_report(few, TRAIN, 1000)['warning'] is None
+  assert caption_analysis.collapse_report(few, TRAIN, 1000).warning is None
 
 
 def test_collapse_counts_on_a_hand_built_case():
@@ -171,16 +171,16 @@ def test_collapse_counts_on_a_hand_built_case():
   references = {1: ['A surfer.', 'A man rides a big wave!'], 2: ['Two dogs.'], 3: ['Dogs play.'],
                 4: ['A red bus on the street.'], 5: ['A cat on a laptop computer.']}
   report = caption_analysis.collapse_report(captions, TRAIN, 50, references)
-  assert report['images'] == 5 and report['distinct_captions'] == 4 and report['distinct_ratio'] == 0.8
-  assert report['most_repeated'] == [{'caption': 'two dogs play with a frisbee', 'count': 2, 'share': 0.4}]
-  assert report['in_train_fraction'] == pytest.approx(3 / 5)
-  assert report['novel_fraction'] == pytest.approx(2 / 5)
+  assert report.images == 5 and report.distinct_captions == 4 and report.distinct_ratio == 0.8
+  assert report.most_repeated == [{'caption': 'two dogs play with a frisbee', 'count': 2, 'share': 0.4}]
+  assert report.in_train_fraction == pytest.approx(3 / 5)
+  assert report.novel_fraction == pytest.approx(2 / 5)
   # Distinct words, <UNK> not counted: a man riding wave on top of surfboard two dogs play with frisbee
   # red bus cat laptop.
-  assert report['words_used'] == 17 and report['vocab_coverage'] == pytest.approx(17 / 50)
-  histogram = report['length_histogram']
+  assert report.words_used == 17 and report.vocab_coverage == pytest.approx(17 / 50)
+  histogram = report.length_histogram
   assert histogram['lengths'] == list(range(11))
   assert histogram['generated'] == [0, 0, 0, 0, 1, 1, 2, 0, 0, 0, 1]  # 10, 6, 6, 4 ('unk' is a word), 5
   assert histogram['references'] == [0, 0, 3, 0, 0, 0, 3, 0, 0, 0, 0]  # 2, 6, 2, 2, 6, 6
-  assert report['mean_length'] == {'generated': pytest.approx(31 / 5), 'references': pytest.approx(24 / 6)}
-  assert report['warning'] is None
+  assert report.mean_length == {'generated': pytest.approx(31 / 5), 'references': pytest.approx(24 / 6)}
+  assert report.warning is None

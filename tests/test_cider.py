@@ -1,11 +1,12 @@
-"""capjax.cider against the dict-based port of coco-caption's CiderScorer, against pycocoevalcap itself,
-and against values worked out by hand."""
+"""capjax.evaluation.cider against the dict-based port of coco-caption's CiderScorer
+(tests/cider_reference.py), against pycocoevalcap itself, and against values worked out by hand."""
 
 import numpy as np
 from pycocoevalcap.cider.cider import Cider
 import pytest
 
-from capjax import cider
+from capjax.evaluation import cider
+import cider_reference
 
 PAD, END = 0, 2
 WORDS = ('a man woman dog cat two red blue ball grass water beach street runs jumps sits plays holds '
@@ -69,7 +70,7 @@ def random_problem(seed):
                                           (5, 4, 2.0), (6, 3, 6.0), (7, 2, 6.0), (8, 1, 6.0)])
 def test_matches_the_reference_port(seed, n, sigma):
   candidates, references, corpus = random_problem(seed)
-  expected = cider.reference_cider_d(candidates, references, corpus, n=n, sigma=sigma)
+  expected = cider_reference.cider_d(candidates, references, corpus, n=n, sigma=sigma)
   got = cider.CiderD(corpus, n=n, sigma=sigma).score(candidates, references)
   assert got.dtype == np.float64 and got.shape == (len(candidates),)
   np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
@@ -135,7 +136,7 @@ def test_array_form_with_end_and_pad_equals_list_form():
 
   scorer = cider.CiderD(corpus)
   expected = scorer.score(clean, references)
-  np.testing.assert_allclose(expected, cider.reference_cider_d(clean, references, corpus), atol=1e-6)
+  np.testing.assert_allclose(expected, cider_reference.cider_d(clean, references, corpus), atol=1e-6)
   assert expected.max() > 1.0 and np.mean(expected > 0.1) > 0.4
   np.testing.assert_allclose(scorer.score(rows, references, end_id=END, pad_id=PAD), expected, atol=1e-12)
   np.testing.assert_allclose(scorer.score(list(rows), references, end_id=END, pad_id=PAD), expected,
@@ -151,7 +152,7 @@ def test_prepared_references_equal_unprepared():
   images, k = len(references), 5
   samples = candidates_like(rng, [refs for refs in references for _ in range(k)], 40)
   by_sample = np.repeat(np.arange(images), k)
-  expected = cider.reference_cider_d(samples, [references[i] for i in by_sample], corpus)
+  expected = cider_reference.cider_d(samples, [references[i] for i in by_sample], corpus)
   assert expected.max() > 2.0
 
   # One candidate per reference set, uncached.
@@ -177,7 +178,7 @@ def test_edge_cases():
   candidates = [[], [1, 2, 3, 4], [1, 2, 3], [11, 12, 13]]  # empty; copy; against an empty ref; unseen
   got = scorer.score(candidates, references)
   assert np.isfinite(got).all() and got[0] == 0.0 and got[2] == 0.0 and got[3] > 0
-  np.testing.assert_allclose(got, cider.reference_cider_d(candidates, references, corpus), atol=1e-6)
+  np.testing.assert_allclose(got, cider_reference.cider_d(candidates, references, corpus), atol=1e-6)
   assert scorer.score([], []).shape == (0,)
   rows = np.array([[END, 5, 6], [PAD, PAD, PAD]])  # nothing before END; all padding
   np.testing.assert_array_equal(scorer.score(rows, references[:2], end_id=END, pad_id=PAD), [0.0, 0.0])
@@ -219,5 +220,5 @@ def test_agrees_with_pycocoevalcap_when_the_corpus_is_the_evaluated_references(s
   assert expected.max() > 2.0
   np.testing.assert_allclose(cider.CiderD(references).score(candidates, references), expected,
                              rtol=0, atol=1e-6)
-  np.testing.assert_allclose(cider.reference_cider_d(candidates, references, references), expected,
+  np.testing.assert_allclose(cider_reference.cider_d(candidates, references, references), expected,
                              rtol=0, atol=1e-6)

@@ -5,8 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from capjax import content_score
+from capjax.evaluation import content_score
 from capjax.data import builder
+from capjax.data import records as records_lib
 from capjax.data import shapes
 
 
@@ -16,7 +17,7 @@ def _records(n=60):
 
 def test_every_reference_caption_names_the_right_objects():
   records = _records()
-  objects = [content_score.record_objects(r) for r in records]
+  objects = [records_lib.record_objects(r) for r in records]
   assert {len(o) for o in objects} == {1, 2}
   for record, truth in zip(records, objects):
     for caption in record['captions']:
@@ -47,13 +48,13 @@ def test_wrong_objects_colours_shapes_and_positions_are_caught():
 def test_colour_after_the_shape_and_rates_by_object_count():
   truth = [[{'colour': 'green', 'shape': 'triangle', 'position': 'top', 'size': 'big', 'box': [0, 0, 1, 1]}]]
   result = content_score.content_score(['the triangle at the top is green and big'], truth)
-  assert result['objects_right'] == 1.0 and result['positions_right'] == 1.0
+  assert result.objects_right == 1.0 and result.positions_right == 1.0
   records = _records(40)
   captions = [r['captions'][0] for r in records]
   captions[0] = captions[0].replace('circle', 'square').replace('triangle', 'square')
-  result = content_score.content_score(captions, [content_score.record_objects(r) for r in records])
-  assert result['images'] == 40 and set(result['by_object_count']) == {'1 object', '2 objects'}
-  assert sum(v['images'] for v in result['by_object_count'].values()) == 40
+  result = content_score.content_score(captions, [records_lib.record_objects(r) for r in records])
+  assert result.images == 40 and set(result.by_object_count) == {'1 object', '2 objects'}
+  assert sum(v.images for v in result.by_object_count.values()) == 40
   with pytest.raises(ValueError, match='3 captions for 2 images'):
     content_score.content_score(['a', 'b', 'c'], [[], []])
 
@@ -106,7 +107,7 @@ def test_shape_confusion_counts_named_shapes_by_true_size_and_shape():
              [small_red_circle, big_red_square]]
   assert content_score.shape_confusion(captions, objects) == {
       'big square': {'square': 1, 'triangle': 1}, 'small circle': {'none': 1, 'square': 1}}
-  assert content_score.content_score(captions, objects)['shape_confusion']['big square'] == {
+  assert content_score.content_score(captions, objects).shape_confusion['big square'] == {
       'square': 1, 'triangle': 1}
 
 

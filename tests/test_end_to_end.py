@@ -28,7 +28,9 @@ def trained(tmp_path_factory):
 
 def test_training_writes_everything_eval_needs(trained):
   _, workdir, summary = trained
-  for name in ('config.json', 'vocab.json', 'history.json', 'loss_curves.png', 'test_examples.png'):
+  step = summary.evaluation.provenance.checkpoint_step
+  for name in ('config.json', 'vocab.json', 'history.json', 'loss_curves.png',
+               f'eval_test_{step}_greedy.png'):
     assert os.path.exists(os.path.join(workdir, name)), name
   assert os.listdir(os.path.join(workdir, 'tensorboard'))
   history = json.load(open(os.path.join(workdir, 'history.json')))
@@ -36,8 +38,8 @@ def test_training_writes_everything_eval_needs(trained):
   assert all('Bleu_4' in h and 'CIDEr' in h for h in history)
   # The demo data's validation loss by word class (which words the model has not learnt yet).
   assert all({'colour', 'shape', 'other'} <= set(h['val_loss_by_word']) for h in history), history
-  assert 0.0 <= summary.metrics['Bleu_4'] <= 1.0
-  assert len(summary.captions) == 16
+  assert 0.0 <= summary.evaluation.metrics['Bleu_4'] <= 1.0
+  assert len(summary.evaluation.captioned) == 16
 
 
 def test_best_checkpoint_is_the_best_validation_cider(trained):

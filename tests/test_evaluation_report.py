@@ -21,15 +21,21 @@ from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 import pytest
 from selenium.webdriver.common.by import By
 
-from capjax import caption_analysis
 from capjax import cli
-from capjax import evaluation
+from capjax import errors
 from capjax import inference
-from capjax import input_pipeline
-from capjax import report
 from capjax import vocab as vocab_lib
 from capjax import workdir as workdir_lib
 from capjax.data import prepare
+from capjax.data import records as records_lib
+from capjax.evaluation import analysis
+from capjax.evaluation import caption_analysis
+from capjax.evaluation import captioning
+from capjax.evaluation import evaluator
+from capjax.evaluation import metrics as metrics_lib
+from capjax.evaluation import modes
+from capjax.evaluation import provenance as provenance_lib
+from capjax.evaluation import report
 from configs import tiny
 
 import browser
@@ -68,13 +74,20 @@ def evaluated(trained):
   for name, beam in (('greedy', 1), ('beam2', 2)):
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-      record = evaluation.evaluate_workdir(workdir, checkpoint='latest', beam_size=beam)
+      record = modes.evaluate_workdir(workdir, checkpoint='latest', beam_size=beam)
     runs[name] = record, printed.getvalue()
   return runs
 
 
 def _latest_step(workdir: str) -> int:
   return max(int(n) for n in os.listdir(os.path.join(workdir, 'checkpoints')) if n.isdigit())
+
+
+def _provenance(**changes) -> provenance_lib.Provenance:
+  """A provenance for captions analysed outside an evaluation run (every field a placeholder)."""
+  fields = {f.name: None for f in dataclasses.fields(provenance_lib.Provenance)}
+  fields.update(split='test', checkpoint_step=1, decoding='greedy', data_fingerprint='x', **changes)
+  return provenance_lib.Provenance(**fields)
 
 
 def _git(*args: str) -> str:
@@ -84,7 +97,7 @@ def _git(*args: str) -> str:
 # ----------------------------------------------------------------------------- file names and contents
 
 def test_decode_settings_name_the_files():
-  names = {evaluation.eval_stem('test', 248, evaluation.DecodeSettings(*s))
+  names = {captioning.eval_stem('test', 248, captioning.DecodeSettings(*s))
            for s in ((1,), (1, 0.6), (3,), (3, 0.6), (3, 0.6, 3), (1, 0.0, 3))}
   assert names == {'eval_test_248_greedy', 'eval_test_248_beam3', 'eval_test_248_beam3_lp0.6',
                    'eval_test_248_beam3_lp0.6_nr3', 'eval_test_248_greedy_nr3'}  # greedy ignores lp
@@ -96,9 +109,9 @@ def test_final_report_writes_the_test_report(trained):
   for ext in ('json', 'html', 'png'):
     assert os.path.exists(f'{stem}.{ext}'), ext
   record = trained.final_record
-  assert record['metrics'] == summary.metrics and record['beam_size'] == 1
+  assert record['metrics'] == summary.evaluation.metrics and record['beam_size'] == 1
   assert record['provenance']['checkpoint_choice'].startswith('end of training')
-  assert record['content'] == summary.content and record['content']['images'] == 16
+  assert record['content'] == summary.evaluation.content.as_dict() and record['content']['images'] == 16
   for line in ('Test loss (per token):', 'Held-out test images (greedy):', 'Test BLEU-4', 'Trivial baseline',
                'Test content:', 'Provenance: capjax ', f'Test report: {stem}.html'):
     assert line in printed, line
@@ -153,6 +166,33 @@ def test_best_worst_and_random_examples(evaluated):
   assert max(cider[i] for i in worst) <= min(cider[i] for i in cider if i not in worst)
 
 
+def test_one_evaluation_tokenizes_once_and_scores_once(trained, monkeypatch):
+  # The end-of-training evaluation (the model's captions, per-image scores and the trivial baseline):
+  # one tokenizer run (one Java start when Java is there) for all of it, and each scorer once per
+  # candidate set (CIDEr-D and BLEU for the model, their per-image values from the same calls).
+  config, workdir = trained.config, trained.workdir
+  tokenizer_runs, scorer_calls = [], []
+  tokenize = metrics_lib.tokenize_captions
+  monkeypatch.setattr(metrics_lib, 'tokenize_captions',
+                      lambda captions, **kw: tokenizer_runs.append(len(captions)) or tokenize(captions, **kw))
+  scorers = metrics_lib._SCORERS  # pylint: disable=protected-access
+  for name, scorer in list(scorers.items()):
+    monkeypatch.setitem(scorers, name, lambda gts, res, name=name, scorer=scorer:
+                        scorer_calls.append(name) or scorer(gts, res))
+  mesh = inference.mesh_lib.make_mesh()
+  _, vocab, model, variables, step = inference.restore_variables(workdir, 'latest', mesh)
+  splits = prepare.open_dataset(config.data, build_demo=False)
+  evaluated = evaluator.evaluate(model, variables, config=config, vocab=vocab, splits=splits,
+                                 split='test', mesh=mesh, decode=captioning.DecodeSettings(),
+                                 workdir=workdir, step=step, checkpoint_choice='latest', baseline=True)
+  assert len(tokenizer_runs) == 1 and tokenizer_runs[0] == 16 * 3  # references, model and baseline captions
+  assert sorted(scorer_calls) == sorted([*(['meteor'] if shutil.which('java') else []), 'bleu', 'rouge',
+                                         'cider', 'bleu', 'cider'])  # the model's, then the baseline's
+  assert evaluated.baseline and evaluated.baseline.metrics['CIDEr'] >= 0
+  mean_cider = np.mean([s.cider for s in evaluated.per_image])
+  assert mean_cider == pytest.approx(evaluated.metrics['CIDEr'], abs=1e-9)
+
+
 # ----------------------------------------------------------------------------- provenance
 
 def test_provenance_fields_are_present_and_true(trained, evaluated):
@@ -181,9 +221,9 @@ def test_provenance_fields_are_present_and_true(trained, evaluated):
   assert p['devices'] == f'{jax.device_count()} x {jax.devices()[0].device_kind}'
   # The same data gives the same fingerprint; other references do not.
   assert p['data_fingerprint'] == evaluated['greedy'][0]['provenance']['data_fingerprint']
-  results = [{'image_id': c['image_id'], 'references': c['references']} for c in record['captions']]
-  changed = [dict(results[0], references=results[0]['references'][:-1]), *results[1:]]
-  assert evaluation.data_fingerprint(results) != evaluation.data_fingerprint(changed)
+  images = [(c['image_id'], c['references']) for c in record['captions']]
+  changed = [(images[0][0], images[0][1][:-1]), *images[1:]]
+  assert provenance_lib.data_fingerprint(images) != provenance_lib.data_fingerprint(changed)
   # One line of it under the metrics table.
   line = next(x for x in printed.splitlines() if x.startswith('Provenance: '))
   assert f"checkpoint {p['checkpoint_step']}, latest;" in line and p['data_fingerprint'] in line
@@ -196,16 +236,16 @@ def test_best_checkpoint_says_how_it_was_chosen(trained):
   history = json.load(open(os.path.join(workdir, 'history.json')))
   step = inference.restore_variables(workdir, 'best', inference.mesh_lib.make_mesh())[-1]
   value = next(h['CIDEr'] for h in history if h['step'] == step)
-  chosen = evaluation.checkpoint_choice(workdir, config, 'best', step)
+  chosen = provenance_lib.checkpoint_choice(workdir, config, 'best', step)
   assert chosen == f'best by validation CIDEr: {value:.4f}'
-  assert evaluation.checkpoint_choice(workdir, config, '10', 10) == 'explicit (--checkpoint_step=10)'
+  assert provenance_lib.checkpoint_choice(workdir, config, '10', 10) == 'explicit (--checkpoint_step=10)'
 
 
 def test_capjax_checkout_is_absent_outside_git(monkeypatch):
   def no_git(*args, **kwargs):
     raise FileNotFoundError('git')
-  monkeypatch.setattr(evaluation.subprocess, 'run', no_git)
-  assert evaluation.capjax_checkout() == (None, None)
+  monkeypatch.setattr(provenance_lib.subprocess, 'run', no_git)
+  assert provenance_lib.capjax_checkout() == (None, None)
 
 
 # ----------------------------------------------------------------------------- collapse
@@ -215,16 +255,15 @@ def test_no_collapse_warning_for_captions_that_describe_each_image(trained):
   # captions: the first reference of each test image.
   config, workdir = trained.config, trained.workdir
   splits = prepare.open_dataset(config.data, build_demo=False)
-  results = []
+  captioned = []
   for i in range(len(splits['test'])):
-    references = input_pipeline.record_captions(splits['test'][i])
-    results.append({'index': i, 'image_id': str(i), 'caption': references[0], 'references': references})
-  described = evaluation.analyse(
-      results, source=splits['test'], train_captions=evaluation.training_captions(splits['train']),
-      vocab=workdir_lib.load_vocab(workdir), provenance={}, stem='x', metrics=('cider',))
-  collapse = described.record['collapse']
-  assert collapse['warning'] is None and collapse['distinct_ratio'] > 0.5, collapse
-  assert described.record['content']['objects_right'] > 0.9  # the content score agrees they are right
+    references = records_lib.record_captions(splits['test'][i])
+    captioned.append(inference.CaptionedImage(i, str(i), references, references[0]))
+  described = analysis.analyse(
+      captioned, source=splits['test'], train_captions=records_lib.all_captions(splits['train']),
+      vocab=workdir_lib.load_vocab(workdir), provenance=_provenance(), stem='x', metrics=('cider',))
+  assert described.collapse.warning is None and described.collapse.distinct_ratio > 0.5, described.collapse
+  assert described.content.objects_right > 0.9  # the content score agrees they are right
 
 
 def test_the_trained_models_report_says_whether_it_collapsed(trained, evaluated):
@@ -257,7 +296,7 @@ def test_collapse_warning_fires_on_a_model_forced_to_say_one_thing(trained, tmp_
     return config, vocab, model, variables, step
 
   monkeypatch.setattr(inference, 'restore_variables', one_caption_model)
-  record = evaluation.evaluate_workdir(str(copy), checkpoint='latest', beam_size=1)
+  record = modes.evaluate_workdir(str(copy), checkpoint='latest', beam_size=1)
   collapse = record['collapse']
   assert {c['caption'] for c in record['captions']} == {' '.join(['a'] * record['provenance']['max_len'])}
   assert collapse['distinct_captions'] == 1 and collapse['top_caption_share'] == 1.0
@@ -282,28 +321,29 @@ def test_attention_maps_reach_the_report_and_the_content_score(tmp_path):
   source = [{'pixels': rng.integers(0, 255, (48, 48, 3), dtype=np.uint8), 'image_id': f'im{i}',
              'captions': ['a red circle on the left', 'the circle is red'],
              'objects': json.dumps(objects)} for i in range(6)]
-  results = []
+  captioned = []
   for i in range(6):
     words = ['a', 'red', 'circle'] if i % 2 else ['a', 'blue', 'square', 'on', 'the', 'right']
     attention = np.full((len(words), 4, 4), 1 / 16, np.float32)
     attention[:, 0, 0] += 1.0  # the peak in the top-left cell, inside the circle's box
-    results.append({'index': i, 'image_id': f'im{i}', 'caption': ' '.join(words),
-                    'references': source[i]['captions'], 'words': words, 'attention': attention})
-  facts = {'split': 'test', 'checkpoint_step': 1, 'decoding': 'greedy', 'data_fingerprint': 'x'}
+    caption = ' '.join(words)
+    captioned.append(inference.CaptionedImage(i, f'im{i}', source[i]['captions'], caption,
+                                              inference.AttendedCaption(caption, words, attention)))
   vocab = vocab_lib.Vocabulary((*vocab_lib.SPECIALS, 'a', 'red', 'circle', 'blue', 'square'))
-  result = evaluation.analyse(results, source=source, train_captions=['a red circle'], vocab=vocab,
-                              provenance=facts, stem='eval_test_1_greedy', metrics=('bleu', 'cider'))
-  shown = [e for e in result.page['examples'] if e['image']]
+  result = analysis.analyse(captioned, source=source, train_captions=['a red circle'], vocab=vocab,
+                            provenance=_provenance(), stem='eval_test_1_greedy', metrics=('bleu', 'cider'))
+  page = analysis.report_page(result, source)
+  shown = [e for e in page['examples'] if e['image']]
   assert shown and all(len(e['attention']) == len(e['caption'].split()) for e in shown)
   assert [m['word'] for m in shown[0]['attention']] == shown[0]['caption'].split()
-  assert result.record['content']['pointing'] == 1.0  # 'red' and 'circle' of the 3 correct captions
-  assert result.record['content']['pointing_words_checked'] == 6
-  assert result.record['content']['pointing_chance'] == 4 / 16  # the box [0, .5]^2 covers 4 of 16 cells
-  page = report.render_report(result.page)
-  sections = result.page['sections']
-  maps = sum(len(result.page['examples'][i]['attention']) for shown in sections.values() for i in shown)
-  assert page.count('<figcaption>') == maps > 0
-  json.dumps(result.record)  # no arrays in the JSON
+  record = result.record()
+  assert record['content']['pointing'] == 1.0  # 'red' and 'circle' of the 3 correct captions
+  assert record['content']['pointing_words_checked'] == 6
+  assert record['content']['pointing_chance'] == 4 / 16  # the box [0, .5]^2 covers 4 of 16 cells
+  html = report.render_report(page)
+  maps = sum(len(page['examples'][i]['attention']) for shown in page['sections'].values() for i in shown)
+  assert html.count('<figcaption>') == maps > 0
+  json.dumps(record)  # no arrays in the JSON
 
 
 # ----------------------------------------------------------------------------- compare mode
@@ -313,7 +353,7 @@ def test_compare_puts_two_checkpoints_side_by_side(trained, tmp_path, capsys):
   earlier = tmp_path / 'epoch1'
   shutil.copytree(workdir, earlier, ignore=shutil.ignore_patterns('*.lock'))
   shutil.rmtree(earlier / 'checkpoints' / str(_latest_step(workdir)))  # its latest is the first epoch's
-  out = evaluation.compare_workdirs([workdir, str(earlier)], checkpoint='latest', beam_size=1)
+  out = modes.compare_workdirs([workdir, str(earlier)], checkpoint='latest', beam_size=1)
   record = out['comparisons'][0]
   label_a = os.path.basename(workdir)
   step_a, step_b = _latest_step(workdir), _latest_step(str(earlier))
@@ -332,8 +372,8 @@ def test_compare_puts_two_checkpoints_side_by_side(trained, tmp_path, capsys):
   for section in ('metrics', 'provenance', 'differences', 'gains', 'losses', 'random'):
     assert f'<section id="{section}">' in page, section
   assert f'Wrote {out["files"][0]}' in capsys.readouterr().out
-  with pytest.raises(evaluation.errors.InputError, match='two or more'):
-    evaluation.compare_workdirs([workdir])
+  with pytest.raises(errors.InputError, match='two or more'):
+    modes.compare_workdirs([workdir])
 
 
 # ----------------------------------------------------------------------------- in a browser

@@ -1,4 +1,5 @@
-"""capjax.metrics against pycocoevalcap's scorers called directly, the standard coco-caption way."""
+"""capjax.evaluation.metrics against pycocoevalcap's scorers called directly, the standard coco-caption
+way."""
 
 import contextlib
 import io
@@ -7,7 +8,7 @@ import shutil
 
 import pytest
 
-from capjax import metrics
+from capjax.evaluation import metrics
 
 HAVE_JAVA = shutil.which('java') is not None
 needs_java = pytest.mark.skipif(not HAVE_JAVA, reason='the PTB tokenizer and METEOR need Java')
@@ -183,7 +184,7 @@ def test_python_tokenizer_equals_ptb_on_fixture(reference_scores):
 @needs_java
 def test_without_java_auto_falls_back_and_skips_meteor(monkeypatch, caplog, reference_scores):
   monkeypatch.setattr(metrics.shutil, 'which', lambda name: None)
-  with caplog.at_level(logging.WARNING, logger='capjax.metrics'):
+  with caplog.at_level(logging.WARNING, logger='capjax.evaluation.metrics'):
     ours = metrics.compute_caption_metrics(CANDIDATES, REFERENCES)  # METEOR requested by default
   assert 'METEOR' not in ours
   assert 'METEOR skipped' in caplog.text and 'Java not found' in caplog.text

@@ -21,16 +21,17 @@ import pytest
 from capjax import checkpointing
 from capjax import cli
 from capjax import errors
-from capjax import evaluation
 from capjax import inference
 from capjax import mesh as mesh_lib
-from capjax import metrics as metrics_lib
+from capjax.evaluation import metrics as metrics_lib
 from capjax import state as state_lib
 from capjax import train
 from capjax import workdir as workdir_lib
 from capjax.data import layouts
 from capjax.data import prepare
 from capjax.data import shapes
+from capjax.evaluation import captioning
+from capjax.evaluation import modes as evaluation_modes
 from capjax.models import captioner
 from configs import tiny
 
@@ -201,7 +202,7 @@ def test_corrupted_latest_checkpoint_falls_back_and_metric_failures_cost_nothing
 
   def failing_metrics(*args, **kwargs):
     raise ValueError('max() arg is an empty sequence')
-  monkeypatch.setattr(evaluation, 'caption_metrics_for_split', failing_metrics)
+  monkeypatch.setattr(captioning, 'validation_metrics', failing_metrics)
   config = _config()
   config.train.metrics_every_epochs = 1  # operational: not part of the run's identity
   resumed = train.train_and_evaluate(config, str(run_copy), _splits())
@@ -311,7 +312,7 @@ def test_eval_never_rebuilds_missing_demo_data(run_copy, tmp_path, monkeypatch):
   (run_copy / 'config.json').write_text(json.dumps(config))
   monkeypatch.chdir(tmp_path)
   with pytest.raises(FileNotFoundError, match='a demo training run builds it'):
-    evaluation.evaluate_workdir(str(run_copy), checkpoint='latest', beam_size=1)
+    evaluation_modes.evaluate_workdir(str(run_copy), checkpoint='latest', beam_size=1)
   assert not (tmp_path / 'gone').exists()
 
 

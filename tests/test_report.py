@@ -1,5 +1,5 @@
-"""capjax.report: the HTML evaluation report, read as text (escaping, sections, nothing fetched from the
-network) and opened in headless Chromium (images render, sections hold cards, the warning shows)."""
+"""capjax.evaluation.report: the HTML evaluation report, read as text (escaping, sections, nothing fetched
+from the network) and opened in headless Chromium (images render, sections hold cards, the warning shows)."""
 
 import base64
 import io
@@ -11,8 +11,9 @@ from PIL import Image
 import pytest
 from selenium.webdriver.common.by import By
 
-from capjax import caption_analysis
-from capjax import report
+from capjax.evaluation import caption_analysis
+from capjax.evaluation import markup
+from capjax.evaluation import report
 
 import browser
 
@@ -68,12 +69,12 @@ def _attention_maps(picture: np.ndarray, caption: str) -> list[dict]:
   for k, word in enumerate(words):
     heat = np.exp(-((x - (k + 0.5) / len(words)) ** 2 + (y - 0.5) ** 2) / 0.03)[..., None]
     overlay = small * (0.3 + 0.7 * heat) + np.array([255, 60, 0]) * 0.35 * heat
-    maps.append({'word': word, 'image': report.image_data_uri(np.clip(overlay, 0, 255).astype(np.uint8))})
+    maps.append({'word': word, 'image': markup.image_data_uri(np.clip(overlay, 0, 255).astype(np.uint8))})
   return maps
 
 
 def build_payload(n: int = 24, *, collapsed: bool = False, hostile: bool = True, content=True) -> dict:
-  """A report payload as evaluation.py builds it, for synthetic images and hand-written captions."""
+  """A report payload as analysis.report_page builds it, for synthetic images and hand-written captions."""
   pictures = [_picture(i) for i in range(n)]
   references = {f'img{i:03d}': SCENES[i % len(SCENES)][1] for i in range(n)}
   candidates = {f'img{i:03d}': COLLAPSED_CAPTION if collapsed else SCENES[(i + i // 12) % len(SCENES)][0]
@@ -83,7 +84,7 @@ def build_payload(n: int = 24, *, collapsed: bool = False, hostile: bool = True,
     references['img001'] = [*references['img001'], HOSTILE_REFERENCE]
   scores = caption_analysis.per_image_scores(candidates, references, tokenizer='python')
   train = [r for refs in references.values() for r in refs] + ['A dog running on the grass.']
-  examples = [{'image_id': i, 'image': report.image_data_uri(pictures[k]), 'caption': candidates[i],
+  examples = [{'image_id': i, 'image': markup.image_data_uri(pictures[k]), 'caption': candidates[i],
                'references': references[i], 'scores': scores.per_image[i]}
               for k, i in enumerate(candidates)]
   for k in range(0, n, 5):
@@ -97,7 +98,7 @@ def build_payload(n: int = 24, *, collapsed: bool = False, hostile: bool = True,
                      'git_commit': '3f2c1e9', 'notes': None},
       'metrics': dict(scores.corpus, ROUGE_L=0.52, METEOR=0.23),
       'paper_bleu': caption_analysis.paper_bleu(candidates, references),
-      'collapse': caption_analysis.collapse_report(candidates, train, 2988, references),
+      'collapse': caption_analysis.collapse_report(candidates, train, 2988, references).as_dict(),
       'content': ({'precision': 0.61, 'recall': 0.48, 'person': {'precision': 0.7, 'recall': 0.52},
                    'dog': {'precision': 0.55, 'recall': 0.61}} if content else None),
       'examples': examples,
@@ -137,18 +138,18 @@ def _cards(page: str, section: str) -> int:
 
 def test_image_data_uri_encodes_jpeg_and_png():
   picture = _picture(3, size=64)
-  jpeg, png = _decode(report.image_data_uri(picture)), _decode(report.image_data_uri(picture, fmt='png'))
+  jpeg, png = _decode(markup.image_data_uri(picture)), _decode(markup.image_data_uri(picture, fmt='png'))
   assert (jpeg.format, jpeg.size, png.format) == ('JPEG', (64, 64), 'PNG')
   np.testing.assert_array_equal(np.asarray(png), picture)  # PNG is lossless
   assert np.abs(np.asarray(jpeg, np.int16) - picture).mean() < 8
   rgba = np.concatenate([picture, np.full((64, 64, 1), 128, np.uint8)], -1)
-  assert _decode(report.image_data_uri(rgba)).mode == 'RGB'  # JPEG has no alpha
-  assert _decode(report.image_data_uri(picture[..., :1])).mode == 'L'
-  assert _decode(report.image_data_uri(np.zeros((300, 150, 3), np.uint8), max_side=128)).size == (64, 128)
+  assert _decode(markup.image_data_uri(rgba)).mode == 'RGB'  # JPEG has no alpha
+  assert _decode(markup.image_data_uri(picture[..., :1])).mode == 'L'
+  assert _decode(markup.image_data_uri(np.zeros((300, 150, 3), np.uint8), max_side=128)).size == (64, 128)
   with pytest.raises(TypeError):
-    report.image_data_uri(picture.astype(np.float32))
+    markup.image_data_uri(picture.astype(np.float32))
   with pytest.raises(ValueError):
-    report.image_data_uri(picture, fmt='GIF')
+    markup.image_data_uri(picture, fmt='GIF')
 
 
 def test_select_sections_picks_best_worst_and_a_seeded_sample():

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from capjax import cider
+import cider_reference
 from capjax import decoding
 from capjax import input_pipeline
 from capjax import mesh as mesh_lib
@@ -15,6 +15,7 @@ from capjax import scst
 from capjax import state as state_lib
 from capjax import train
 from capjax import vocab as vocab_lib
+from capjax.data import records as records_lib
 from capjax.data import shapes
 from capjax.models import captioner
 from configs import tiny
@@ -52,7 +53,7 @@ def test_reward_equals_the_reference_cider_d(reward_end):
   image_index = np.array([0, 1, 2, 2, 1])
   got = reward(np.array([_row(t) for t in texts]), image_index)
   candidates = [_ids(t) + ([END] if reward_end else []) for t in texts]
-  expected = cider.reference_cider_d(candidates, [refs[i] for i in image_index], refs)
+  expected = cider_reference.cider_d(candidates, [refs[i] for i in image_index], refs)
   np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-9)
 
 
@@ -164,7 +165,7 @@ def _records(num_train=48):
 
 
 def _vocab(source):
-  return vocab_lib.build_vocabulary([c for r in source for c in input_pipeline.record_captions(r)], 2)
+  return vocab_lib.build_vocabulary([c for r in source for c in records_lib.record_captions(r)], 2)
 
 
 def _batch(source, vocab, size=8, max_caption_len=12):
@@ -313,12 +314,12 @@ def test_init_from_loads_the_other_workdirs_params(tmp_path, monkeypatch):
 
 def test_examples_carry_their_image_index():
   source = _records(num_train=12)['train']
-  vocab = vocab_lib.build_vocabulary([c for r in source for c in input_pipeline.record_captions(r)], 1)
+  vocab = vocab_lib.build_vocabulary([c for r in source for c in records_lib.record_captions(r)], 1)
   batch = _batch(source, vocab, size=12, max_caption_len=24)
   assert sorted(batch['image_index'].tolist()) == list(range(12))
   for index, tokens in zip(batch['image_index'], batch['tokens']):
     assert vocab.decode(tokens) in [' '.join(vocab_lib.tokenize(c))
-                                    for c in input_pipeline.record_captions(source[index])]
+                                    for c in records_lib.record_captions(source[index])]
 
 
 def test_config_checks():

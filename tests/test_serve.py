@@ -325,7 +325,7 @@ def files_with_captions(captioner, n: int, seed: int) -> tuple[dict[str, str], l
   candidates = scene_files(4 * n, seed=seed)
   images = [data for _, data in candidates]
   if captioner.has_attention:  # the function the server runs (the plain one would compile as well)
-    captions = [r['caption'] for r in captioner.caption(images, return_attention=True)]
+    captions = [r.caption for r in captioner.caption_with_attention(images)]
   else:
     captions = captioner.caption(images)
   chosen = [(c, f) for c, f in zip(captions, candidates) if c][:n]
@@ -373,18 +373,18 @@ def attention_captioners(tmp_path_factory):
 def test_the_api_returns_attention_weights_on_request(attention_captioners):
   workdir, captioners = attention_captioners
   files = scene_files(3, seed=2)
-  expected = captioners[1].caption([data for _, data in files], return_attention=True)
+  expected = captioners[1].caption_with_attention([data for _, data in files])
   with TestClient(serve.create_app(captioners, workdir)) as client:
     assert client.get('/v1/model').json()['attention'] is True
     plain = client.post('/v1/captions', files=multipart(files)).json()['results']
     detailed = client.post('/v1/captions?attention=1', files=multipart(files)).json()['results']
-  assert [r['caption'] for r in plain] == [r['caption'] for r in detailed] == [e['caption'] for e in expected]
+  assert [r['caption'] for r in plain] == [r['caption'] for r in detailed] == [e.caption for e in expected]
   assert all(set(r) == {'name', 'caption'} for r in plain)
   for result, want in zip(detailed, expected):
-    assert result['words'] == want['words']
+    assert result['words'] == want.words
     weights = np.asarray(result['attention'])
-    assert weights.shape == (len(want['words']), 4, 4)
-    np.testing.assert_allclose(weights, want['attention'], atol=1e-5)
+    assert weights.shape == (len(want.words), 4, 4)
+    np.testing.assert_allclose(weights, want.attention, atol=1e-5)
 
 
 @browser.needs_chromium

@@ -1,9 +1,13 @@
-"""benchmarks/shape_learning.py: its shape-word targets and scoring are right, and every variant runs."""
+"""benchmarks/investigations/shape_learning.py: its shape-word targets and scoring are right, and every
+variant runs."""
 
+import types
+
+from absl import flags
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import shape_learning
+from benchmarks.investigations import shape_learning
 from capjax import vocab as vocab_lib
 
 
@@ -20,9 +24,12 @@ def test_shape_targets_mark_exactly_the_shape_words_and_name_them():
 
 def test_every_variant_trains_and_reports_held_out_shape_accuracy(tmp_path):
   output = tmp_path / 'shape_learning.json'
-  payload = shape_learning.main([
-      '--width=2', '--stage_sizes=1', '--image_size=16', '--steps=2', '--eval_every=1', '--batch_size=4',
-      '--num_train=12', '--num_test=10', f'--output={output}'])
+  flag_values = flags.FlagValues()  # the script's own flags, apart from the process-global ones
+  shape_learning.define_flags(flag_values)
+  flag_values([
+      'shape_learning', '--width=2', '--stage_sizes=1', '--image_size=16', '--steps=2', '--eval_every=1',
+      '--batch_size=4', '--num_train=12', '--num_test=10', f'--output={output}'])
+  payload = shape_learning.run(types.SimpleNamespace(**flag_values.flag_values_dict()))
   assert output.exists()
   assert set(payload['curves']) == set(shape_learning.VARIANTS)
   for curve in payload['curves'].values():

@@ -5,6 +5,7 @@ Read from the source with `ast` (nothing is imported), so it fails fast and name
 
 import ast
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -12,14 +13,25 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / 'capjax'
 # Optional dependencies may be imported where they are used (a user without torch never imports it).
 OPTIONAL = {'torch', 'safetensors'}
 # Layers, lowest first: a module may import modules of its own layer's dependencies and below only.
+# A name stands for the module and, for a package, every module in it.
 NEVER_IMPORTS = {
-    'capjax.state': {'capjax.train', 'capjax.evaluation', 'capjax.inference', 'capjax.cli'},
-    'capjax.inference': {'capjax.state', 'capjax.train', 'capjax.evaluation', 'capjax.cli'},
-    'capjax.evaluation': {'capjax.train', 'capjax.cli'},
-    'capjax.train': {'capjax.cli'},
+    'capjax.state': {'capjax.train', 'capjax.evaluation', 'capjax.inference', 'capjax.cli', 'capjax.serve'},
+    'capjax.inference': {'capjax.state', 'capjax.train', 'capjax.evaluation', 'capjax.cli', 'capjax.serve'},
+    'capjax.evaluation': {'capjax.train', 'capjax.cli', 'capjax.serve'},
+    'capjax.train': {'capjax.cli', 'capjax.serve'},
     'capjax.serve': {'capjax.state', 'capjax.train', 'capjax.evaluation', 'capjax.cli'},
-    'capjax.scst': {'capjax.train', 'capjax.evaluation', 'capjax.inference', 'capjax.cli'},
+    'capjax.scst': {'capjax.train', 'capjax.inference', 'capjax.cli', 'capjax.serve'},
 }
+# What the training loop needs of evaluation is the loss, captioning and metrics; the report, the
+# analysis that feeds it and the server are for after training (and cost imports, e.g. matplotlib pages).
+TRAINING_NEVER_REACHES = (
+    'capjax.cli', 'capjax.serve', 'capjax.evaluation.report', 'capjax.evaluation.markup',
+    'capjax.evaluation.analysis', 'capjax.evaluation.outputs', 'capjax.evaluation.modes',
+    'capjax.evaluation.comparison', 'capjax.evaluation.evaluator', 'capjax.evaluation.caption_analysis')
+
+
+def _within(module: str, name: str) -> bool:
+  return module == name or module.startswith(name + '.')
 
 
 def _module_name(path: pathlib.Path) -> str:
@@ -88,8 +100,23 @@ def test_the_import_graph_has_no_cycle():
 
 def test_lower_layers_never_import_higher_ones():
   graph, _ = _graph()
-  wrong = [f'{module} imports {bad}' for module, banned in NEVER_IMPORTS.items()
-           for bad in sorted(graph[module] & banned)]
+  assert all(any(_within(m, layer) for m in graph) for layer in NEVER_IMPORTS), 'a layer has no module'
+  wrong = [f'{module} imports {imported}' for layer, banned in NEVER_IMPORTS.items()
+           for module in sorted(graph) if _within(module, layer)
+           for imported in sorted(graph[module]) if any(_within(imported, b) for b in banned)]
+  assert not wrong, wrong
+
+
+def test_training_never_imports_the_report_or_the_server():
+  graph, _ = _graph()
+  reached, todo = set(), ['capjax.train']
+  while todo:
+    module = todo.pop()
+    if module not in reached:
+      reached.add(module)
+      todo.extend(graph[module])
+  assert {'capjax.evaluation.loss', 'capjax.evaluation.captioning', 'capjax.scst'} <= reached
+  wrong = sorted(m for m in reached if any(_within(m, banned) for banned in TRAINING_NEVER_REACHES))
   assert not wrong, wrong
 
 
@@ -131,3 +158,24 @@ def test_ruff_finds_nothing():
   result = subprocess.run([sys.executable, '-m', 'ruff', 'check', '--no-cache', *SOURCES], cwd=REPO,
                           capture_output=True, text=True)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-1000:]
+
+
+# ----------------------------------------------------------------------------------------------
+# README's Layout table names every module and folder, and nothing that is not there.
+
+def _layout_paths() -> set[str]:
+  readme = (REPO / 'README.md').read_text()
+  section = readme[readme.index('## Layout'):]
+  section = section[:section.index('\n## ', 1)]
+  return {p for p in re.findall(r'`([^`\s]+)`', section) if '/' in p or p.endswith('.py')}
+
+
+def test_readme_layout_names_every_module_and_folder():
+  named = _layout_paths()
+  modules = {f'capjax/{p.name}' for p in PACKAGE.glob('*.py') if p.name != '__init__.py'}
+  packages = {f'capjax/{p.name}/' for p in PACKAGE.iterdir() if (p / '__init__.py').exists()}
+  folders = {f'{name}/' for name in ('capjax', 'configs', 'tests', 'benchmarks', 'docs')} - {'capjax/'}
+  missing = sorted((modules | packages | folders | {'launch.py'}) - named)
+  assert not missing, f"README's Layout table does not name {missing}"
+  gone = sorted(p for p in named if '/' in p and not (REPO / p).exists())
+  assert not gone, f"README's Layout table names paths that do not exist: {gone}"

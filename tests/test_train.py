@@ -8,12 +8,12 @@ import numpy as np
 import optax
 import pytest
 
-from capjax import evaluation
 from capjax import mesh as mesh_lib
 from capjax import state as state_lib
 from capjax import train
 from capjax import vocab as vocab_lib
 from capjax.data import shapes
+from capjax.evaluation import loss as loss_lib
 from capjax.models import captioner
 from configs import tiny
 
@@ -120,8 +120,8 @@ def test_eval_loss_is_also_summed_per_target_word():
 
 def test_split_loss_by_word_class():
   vocab = vocab_lib.Vocabulary((*vocab_lib.SPECIALS, 'red', 'blue', 'circle', 'on'))
-  loss = evaluation.SplitLoss(mean=0.0, word_loss_sum=np.array([0, 0, 1.0, 0, 3.0, 1.0, 6.0, 2.0]),
-                              word_count=np.array([0, 0, 2, 0, 2, 2, 3, 2.0]))
+  loss = loss_lib.SplitLoss(mean=0.0, word_loss_sum=np.array([0, 0, 1.0, 0, 3.0, 1.0, 6.0, 2.0]),
+                            word_count=np.array([0, 0, 2, 0, 2, 2, 3, 2.0]))
   by_class = loss.by_word_class(vocab, {'colour': ('red', 'blue', 'green'), 'shape': ('circle',),
                                         'size': ('big',)})
   # colour: (3 + 1) / (2 + 2); shape: 6 / 3; no 'size' target; other: <END> and 'on', (1 + 2) / (2 + 2)

@@ -134,8 +134,8 @@ class Captioner(nn.Module):
   as in Fang et al. 2015 and Yao et al. 2017), sown into the 'losses' collection like the attention
   penalty. The caption loss alone reaches the encoder only through the LSTM, where words that the
   language model predicts without the image dominate the gradient; on the demo data the trunk then
-  never learns shape (benchmarks/shape_learning.py). The head gives every image-dependent word a
-  direct gradient; words every caption uses are learnt by its bias. Decoding does not use it.
+  never learns shape (benchmarks/investigations/shape_learning.py). The head gives every image-dependent
+  word a direct gradient; words every caption uses are learnt by its bias. Decoding does not use it.
   """
 
   has_attention: ClassVar[bool] = False

@@ -1,10 +1,10 @@
 """`Conv`: `nn.Conv` for NHWC images, computed as a matrix product where XLA:CPU's convolution is slow.
 
 XLA:CPU (jax 0.10.2) runs many of ResNet50's convolutions far slower than the same arithmetic written as
-im2col + one dot, and some pathologically so (`benchmarks/xla_conv_repro.py`, a standalone reproduction).
-`benchmarks/resnet_convs.py` times every convolution of the ResNet50 trunk both ways (forward, and forward
-+ backward with the gradients a training step needs). On the shared 2-core CPU, milliseconds of
-forward+backward (forward in brackets), lax.conv vs as a dot:
+im2col + one dot, and some pathologically so (`benchmarks/investigations/xla_conv_repro.py`, a standalone
+reproduction). `benchmarks/investigations/resnet_convs.py` times every convolution of the ResNet50 trunk
+both ways (forward, and forward + backward with the gradients a training step needs). On the shared
+2-core CPU, milliseconds of forward+backward (forward in brackets), lax.conv vs as a dot:
 
   at 64 px, batch 32 (results/resnet_convs.json)
     3x3/1 on 2x2 (stage 4, x2)          2,481 (2,546) vs 68 (35)   the pathology: 36x (73x forward)

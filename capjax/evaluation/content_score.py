@@ -24,11 +24,9 @@ so a caption can be checked directly:
 from collections import Counter
 from collections.abc import Sequence
 import dataclasses
-import json
 
 import numpy as np
 
-from capjax import input_pipeline
 from capjax import vocab as vocab_lib
 from capjax.data import shapes
 
@@ -49,13 +47,6 @@ class Mention:
   position: str | None
   shape_index: int  # word positions in the caption (for pointing)
   colour_index: int | None
-
-
-def record_objects(record: dict) -> list[dict] | None:
-  """A record's ground-truth objects, or None when its dataset has none (real data, older builds)."""
-  value = record.get('objects')
-  text = input_pipeline.as_text(value) if value is not None else ''
-  return json.loads(text) if text else None
 
 
 def parse_caption(caption: str) -> list[Mention]:
@@ -102,19 +93,71 @@ def _referents(mention: Mention, objects: Sequence[dict]) -> list[dict]:
   return []
 
 
-def content_score(captions: Sequence[str], objects_per_image: Sequence[Sequence[dict]]) -> dict:
+@dataclasses.dataclass(frozen=True)
+class Rates:
+  """Over `images` images, the share whose caption gets each verdict (module docstring)."""
+  images: int
+  objects_right: float
+  colours_right: float
+  shapes_right: float
+  positions_right: float
+  positions_wrong: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Pointing:
+  """Attention models: of `words_checked` colour/shape words, the share whose peak attention cell overlaps
+  their object (`rate`), and the share a peak in a uniformly random cell would get (`chance`); both None
+  when no word could be checked."""
+  rate: float | None
+  chance: float | None
+  words_checked: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ContentScore(Rates):
+  """`content_score`'s result: the rates over all images, by object count ('1 object', '2 objects'),
+  what each true (size, shape) is called (`shape_confusion`), and pointing for attention models."""
+  by_object_count: dict[str, Rates]
+  shape_confusion: dict[str, dict[str, int]]
+  pointing: Pointing | None = None
+
+  def as_dict(self) -> dict:
+    """The JSON form (the evaluation record's 'content'): the rates, 'by_object_count',
+    'shape_confusion', and with pointing 'pointing', 'pointing_chance', 'pointing_words_checked'."""
+    result = dataclasses.asdict(Rates(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Rates)}))
+    result['by_object_count'] = {k: dataclasses.asdict(v) for k, v in self.by_object_count.items()}
+    result['shape_confusion'] = self.shape_confusion
+    if self.pointing is not None:
+      result.update(pointing=self.pointing.rate, pointing_chance=self.pointing.chance,
+                    pointing_words_checked=self.pointing.words_checked)
+    return result
+
+
+def content_score(captions: Sequence[str], objects_per_image: Sequence[Sequence[dict]]) -> ContentScore:
   """Rates over images of each verdict, overall and by the number of objects in the image."""
   if len(captions) != len(objects_per_image):
     raise ValueError(f'{len(captions)} captions for {len(objects_per_image)} images')
   verdicts = [score_caption(c, o) for c, o in zip(captions, objects_per_image)]
-  result = {'images': len(verdicts), **_rates(verdicts)}
   by_count = {}
   for count in sorted({len(o) for o in objects_per_image}):
     chosen = [v for v, o in zip(verdicts, objects_per_image) if len(o) == count]
-    by_count[f'{count} object{"s" if count > 1 else ""}'] = {'images': len(chosen), **_rates(chosen)}
-  result['by_object_count'] = by_count
-  result['shape_confusion'] = shape_confusion(captions, objects_per_image)
-  return result
+    by_count[f'{count} object{"s" if count > 1 else ""}'] = _rates(chosen)
+  return ContentScore(**dataclasses.asdict(_rates(verdicts)), by_object_count=by_count,
+                      shape_confusion=shape_confusion(captions, objects_per_image))
+
+
+def pointing_score(words_per_caption: Sequence[Sequence[str]], attention: Sequence[np.ndarray],
+                   objects_per_image: Sequence[Sequence[dict]]) -> Pointing:
+  """`pointing` summed over captions; attention[i] is caption i's maps, (len(words), rows, cols)."""
+  hits = checked = 0
+  chance = 0.0
+  for words, alphas, objects in zip(words_per_caption, attention, objects_per_image):
+    alphas = np.asarray(alphas)
+    h, c, p = pointing(words, alphas.reshape(len(alphas), -1), alphas.shape[1:], objects)
+    hits, checked, chance = hits + h, checked + c, chance + p
+  return Pointing(rate=hits / checked if checked else None, chance=chance / checked if checked else None,
+                  words_checked=checked)
 
 
 def shape_confusion(captions: Sequence[str], objects_per_image: Sequence[Sequence[dict]]) -> dict:
@@ -134,10 +177,9 @@ def shape_confusion(captions: Sequence[str], objects_per_image: Sequence[Sequenc
   return {key: dict(sorted(counts.items())) for key, counts in sorted(table.items())}
 
 
-def _rates(verdicts: list[dict]) -> dict[str, float]:
-  if not verdicts:
-    return {}
-  return {key: float(np.mean([v[key] for v in verdicts])) for key in verdicts[0]}
+def _rates(verdicts: list[dict]) -> Rates:
+  rate = lambda key: float(np.mean([v[key] for v in verdicts])) if verdicts else float('nan')  # noqa: E731
+  return Rates(len(verdicts), *(rate(f.name) for f in dataclasses.fields(Rates)[1:]))
 
 
 def pointing(words: Sequence[str], alphas: np.ndarray, grid: tuple[int, int],

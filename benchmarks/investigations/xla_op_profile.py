@@ -2,14 +2,14 @@ r"""Where XLA:CPU spends a capjax training step: one step traced with `jax.profi
 summed by kind (a fusion's name without its number: 'ynn_fusion' = dots and convolutions run by
 XNNPACK's successor, 'copy_bitcast_fusion' = layout copies, 'slice_pad_fusion'/'concatenate' = im2col...).
 
-  python -m benchmarks.xla_op_profile                   # the full train step, 64 px, batch 32
-  python -m benchmarks.xla_op_profile --part=trunk_no_bn --output=benchmarks/results/xla_op_profile_trunk.json
+  python -m benchmarks.investigations.xla_op_profile    # the full train step, 64 px, batch 32
+  python -m benchmarks.investigations.xla_op_profile --part=trunk_no_bn \
+      --output=benchmarks/results/xla_op_profile_trunk.json
 
 The step is compiled and run twice untimed, then one call is traced (`create_perfetto_trace=True`, read
 back from the trace's JSON). Operations run on 2 threads may overlap, so their sum can exceed the wall time.
 """
 
-import argparse
 import collections
 import glob
 import gzip
@@ -19,14 +19,16 @@ import re
 import sys
 import tempfile
 
-if __package__ in (None, ''):  # run as `python benchmarks/xla_op_profile.py`
-  sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if __package__ in (None, ''):  # run as `python benchmarks/investigations/xla_op_profile.py`
+  sys.path[0] = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from absl import app
+from absl import flags
 import jax
 
-from benchmarks import cpu_gap
 from benchmarks import harness
-from benchmarks import step_profile
+from benchmarks.investigations import cpu_gap
+from benchmarks.investigations import step_profile
 from capjax import mesh as mesh_lib
 from capjax.models import captioner
 
@@ -57,13 +59,18 @@ def op_times(trace_dir: str) -> tuple[dict, dict]:
   return dict(ms.most_common()), dict(count)
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--part', default='step', choices=('step', 'trunk', 'trunk_no_bn'))
-  parser.add_argument('--image_size', type=int, default=64)
-  parser.add_argument('--batch', type=int, default=32)
-  parser.add_argument('--output', default=None, help='default benchmarks/results/xla_op_profile.json')
-  args = parser.parse_args()
+def define_flags() -> None:
+  # Only when this file runs as the program: absl flags are process-global and the benchmarks import
+  # one another (benchmarks/harness.py, "Flags").
+  flags.DEFINE_enum('part', 'step', ['step', 'trunk', 'trunk_no_bn'], 'What one traced call runs.')
+  flags.DEFINE_integer('image_size', 64, 'Square image side.')
+  flags.DEFINE_integer('batch', 32, 'Images per call.')
+  flags.DEFINE_string('output', None, 'JSON path; default benchmarks/results/xla_op_profile.json.')
+
+
+def main(argv):
+  harness.start(argv)
+  args = harness.script_flags()
   mesh = mesh_lib.make_mesh()
   advance = advancer_for(args.part, args.image_size, args.batch, mesh)
   advance(1)
@@ -86,4 +93,5 @@ def main():
 
 
 if __name__ == '__main__':
-  main()
+  define_flags()
+  app.run(main)

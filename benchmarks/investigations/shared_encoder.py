@@ -1,8 +1,8 @@
 r"""Pairs/s of the training step with one encoder pass per image for its K captions (seq_per_img=K) vs one
 per (image, caption) pair (seq_per_img=1), at the same number of pairs per step, interleaved in one run.
 
-  python -m benchmarks.shared_encoder                   # 224 px, 20 pairs per step, ~4 min here
-  python -m benchmarks.shared_encoder --image_size=64 --pairs=160
+  python -m benchmarks.investigations.shared_encoder    # 224 px, 20 pairs per step, ~4 min here
+  python -m benchmarks.investigations.shared_encoder --image_size=64 --pairs=160
 
 Both variants are capjax's own train step (`capjax.state.compile_train_step` on the full ResNet50 + LSTM
 captioner, vocabulary 5,507, captions padded to 24 tokens, synthetic data) as the training loop builds
@@ -13,18 +13,19 @@ it for each setting:
 Timing as in cpu_gap.py: compile apart, rounds of steps with the order rotated, medians.
 """
 
-import argparse
 import os
 import sys
 
-if __package__ in (None, ''):  # run as `python benchmarks/shared_encoder.py`
-  sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if __package__ in (None, ''):  # run as `python benchmarks/investigations/shared_encoder.py`
+  sys.path[0] = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from absl import app
+from absl import flags
 import numpy as np
 
-from benchmarks import cpu_gap
 from benchmarks import harness
 from benchmarks import structural_wins
+from benchmarks.investigations import cpu_gap
 from capjax import mesh as mesh_lib
 from capjax.models import captioner
 
@@ -38,19 +39,20 @@ def host_batch(images: int, captions_per_image: int, image_size: int) -> dict:
   return {'image': rng.integers(0, 256, (images, image_size, image_size, 3), np.uint8), 'tokens': tokens}
 
 
-def parse_args():
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--image_size', type=int, default=224)
-  parser.add_argument('--pairs', type=int, default=20, help='(image, caption) pairs per step')
-  parser.add_argument('--seq_per_img', type=int, default=5, help='K of the shared variant')
-  parser.add_argument('--rounds', type=int, default=3)
-  parser.add_argument('--steps', type=int, default=1, help='steps per variant per round')
-  parser.add_argument('--output', default=None, help='default benchmarks/results/shared_encoder.json')
-  return parser.parse_args()
+def define_flags() -> None:
+  # Only when this file runs as the program: absl flags are process-global and the benchmarks import
+  # one another (benchmarks/harness.py, "Flags").
+  flags.DEFINE_integer('image_size', 224, 'Square image side.')
+  flags.DEFINE_integer('pairs', 20, '(image, caption) pairs per step.')
+  flags.DEFINE_integer('seq_per_img', 5, 'K of the shared variant.')
+  flags.DEFINE_integer('rounds', 3, 'Interleaved timing rounds.')
+  flags.DEFINE_integer('steps', 1, 'Steps per variant per round.')
+  flags.DEFINE_string('output', None, 'JSON path; default benchmarks/results/shared_encoder.json.')
 
 
-def main():
-  args = parse_args()
+def main(argv):
+  harness.start(argv)
+  args = harness.script_flags()
   if args.pairs % args.seq_per_img:
     raise SystemExit(f'--pairs={args.pairs} is not a multiple of --seq_per_img={args.seq_per_img}')
   mesh = mesh_lib.make_mesh()
@@ -85,4 +87,5 @@ def main():
 
 
 if __name__ == '__main__':
-  main()
+  define_flags()
+  app.run(main)

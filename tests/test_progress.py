@@ -2,7 +2,7 @@
 a policy-gradient surrogate, plot validation cross-entropy and the reward instead; demo runs add their
 validation loss by word class."""
 
-from capjax import reporting
+from capjax import progress
 
 
 def _lines(ax) -> list[str]:
@@ -11,7 +11,7 @@ def _lines(ax) -> list[str]:
 
 def test_cross_entropy_run_plots_train_and_validation_loss():
   history = [{'epoch': e, 'step': 10 * e, 'train_loss': 2.0 / e, 'val_loss': 2.1 / e} for e in (1, 2, 3)]
-  (ax,) = reporting.loss_curves_figure(history).axes
+  (ax,) = progress.loss_curves_figure(history).axes
   assert _lines(ax) == ['train', 'validation']
   assert ax.get_ylabel() == 'cross-entropy per token'
 
@@ -19,19 +19,19 @@ def test_cross_entropy_run_plots_train_and_validation_loss():
 def test_scst_run_does_not_plot_its_surrogate_loss_as_cross_entropy(tmp_path):
   history = [{'epoch': e, 'step': 10 * e, 'train_loss': -4.0 + e, 'val_loss': 0.5,
               'train_reward': 2.4 + e / 10, **({'CIDEr': 3.0} if e % 2 == 0 else {})} for e in (1, 2, 3, 4)]
-  loss_ax, reward_ax = reporting.loss_curves_figure(history).axes
+  loss_ax, reward_ax = progress.loss_curves_figure(history).axes
   assert _lines(loss_ax) == ['validation']
   assert [min(line.get_ydata()) for line in loss_ax.get_lines()] == [0.5]  # never the negative surrogate
   assert len(_lines(reward_ax)) == 2 and 'reward' in _lines(reward_ax)[0]
   path = tmp_path / 'loss_curves.png'
-  reporting.plot_loss_curves(history, str(path))
+  progress.plot_loss_curves(history, str(path))
   assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
 def test_demo_run_plots_its_validation_loss_by_word_class():
   history = [{'epoch': e, 'step': 10 * e, 'train_loss': 2.0 / e, 'val_loss': 2.1 / e,
               'val_loss_by_word': {'colour': 1.0 / e, 'shape': 1.1, 'other': 0.5 / e}} for e in (1, 2, 3)]
-  loss_ax, words_ax = reporting.loss_curves_figure(history).axes
+  loss_ax, words_ax = progress.loss_curves_figure(history).axes
   assert _lines(loss_ax) == ['train', 'validation']
   assert _lines(words_ax) == ['colour words', 'shape words', 'other words']
   assert list(words_ax.get_lines()[1].get_ydata()) == [1.1, 1.1, 1.1]

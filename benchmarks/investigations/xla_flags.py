@@ -1,9 +1,9 @@
 r"""Does an XLA:CPU flag make capjax's training step faster? Each flag set runs the step in its own
 process (XLA reads XLA_FLAGS once, when the backend starts), in rotated rounds.
 
-  python -m benchmarks.xla_flags                        # 224 px batch 4, the sets below, ~6 min here
-  python -m benchmarks.xla_flags --shape=64x32 --rounds=1
-  python -m benchmarks.xla_flags --sets='default=;onednn=--xla_cpu_use_onednn=true'
+  python -m benchmarks.investigations.xla_flags         # 224 px batch 4, the sets below, ~6 min here
+  python -m benchmarks.investigations.xla_flags --shape=64x32 --rounds=1
+  python -m benchmarks.investigations.xla_flags --sets='default=;onednn=--xla_cpu_use_onednn=true'
 
 The step is `cpu_gap.capjax_variant`'s: ResNet50 + LSTM, vocabulary 5,507, AdamW, as capjax runs it on
 CPU (small_map_conv's rule). A child process compiles it, runs one untimed step, then times `--steps`
@@ -12,7 +12,6 @@ reports each set's median step time beside the default's. Flags that change nume
 left out on purpose: a faster step that trains differently is not the same step.
 """
 
-import argparse
 import json
 import os
 import statistics
@@ -20,8 +19,11 @@ import subprocess
 import sys
 import time
 
-if __package__ in (None, ''):  # run as `python benchmarks/xla_flags.py`
-  sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if __package__ in (None, ''):  # run as `python benchmarks/investigations/xla_flags.py`
+  sys.path[0] = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app
+from absl import flags
 
 from benchmarks import harness
 from benchmarks import structural_wins
@@ -46,17 +48,17 @@ def parse_sets(text: str) -> dict[str, str]:
   """'name=flags;name=flags' -> {name: flags}; a flag value may itself contain '='."""
   sets = {}
   for item in filter(None, (s.strip() for s in text.split(';'))):
-    name, sep, flags = item.partition('=')
+    name, sep, set_flags = item.partition('=')
     if not sep or not name.strip() or name.lstrip().startswith('-'):  # a flag given without a name
       raise ValueError(f'--sets: expected name=XLA_FLAGS entries separated by ";", got {item!r}')
-    sets[name.strip()] = flags.strip()
+    sets[name.strip()] = set_flags.strip()
   return sets
 
 
 def child(image_size: int, batch: int, steps: int) -> None:
   """Times the step under this process's XLA_FLAGS; prints one result line for the parent."""
   import jax  # pylint: disable=g-import-not-at-top  (after the parent set XLA_FLAGS)
-  from benchmarks import cpu_gap  # pylint: disable=g-import-not-at-top
+  from benchmarks.investigations import cpu_gap  # pylint: disable=g-import-not-at-top
   from capjax import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   from capjax.models import captioner  # pylint: disable=g-import-not-at-top
   mesh = mesh_lib.make_mesh()
@@ -71,12 +73,12 @@ def child(image_size: int, batch: int, steps: int) -> None:
                               'backend': jax.default_backend()}), flush=True)
 
 
-def run_child(flags: str, args) -> dict:
-  env = dict(os.environ, XLA_FLAGS=flags)
-  command = [sys.executable, '-m', 'benchmarks.xla_flags', '--child', f'--shape={args.shape}',
+def run_child(set_flags: str, args) -> dict:
+  env = dict(os.environ, XLA_FLAGS=set_flags)
+  command = [sys.executable, '-m', 'benchmarks.investigations.xla_flags', '--child', f'--shape={args.shape}',
              f'--steps={args.steps}']
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  done = subprocess.run(command, env=env, cwd=root, capture_output=True, text=True, timeout=args.timeout_s)
+  done = subprocess.run(command, env=env, cwd=harness.REPO_ROOT, capture_output=True, text=True,
+                        timeout=args.timeout_s)
   for line in done.stdout.splitlines():
     if line.startswith(_RESULT):
       return json.loads(line[len(_RESULT):])
@@ -105,20 +107,22 @@ def summarise(sets: dict[str, str], results: dict[str, list[dict]], batch: int) 
   return rows
 
 
-def parse_args():
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--shape', default='224x4', help='image side x batch')
-  parser.add_argument('--sets', default=DEFAULT_SETS, help='name=XLA_FLAGS entries separated by ";"')
-  parser.add_argument('--rounds', type=int, default=2)
-  parser.add_argument('--steps', type=int, default=6, help='timed steps per child')
-  parser.add_argument('--timeout_s', type=float, default=600)
-  parser.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
-  parser.add_argument('--output', default=None, help='default benchmarks/results/xla_flags.json')
-  return parser.parse_args()
+def define_flags() -> None:
+  # Only when this file runs as the program: absl flags are process-global and the benchmarks import
+  # one another (benchmarks/harness.py, "Flags").
+  flags.DEFINE_string('shape', '224x4', 'Image side x batch.')
+  flags.DEFINE_string('sets', DEFAULT_SETS, 'name=XLA_FLAGS entries separated by ";".')
+  flags.DEFINE_integer('rounds', 2, 'Rounds: one child process per set in each.')
+  flags.DEFINE_integer('steps', 6, 'Timed steps per child.')
+  flags.DEFINE_float('timeout_s', 600, 'A child taking longer is killed.')
+  flags.DEFINE_bool('child', False, 'Internal: time the step under this process\'s XLA_FLAGS and print one '
+                    'result line (the parent starts the children with it).')
+  flags.DEFINE_string('output', None, 'JSON path; default benchmarks/results/xla_flags.json.')
 
 
-def main():
-  args = parse_args()
+def main(argv):
+  harness.start(argv)
+  args = harness.script_flags()
   image_size, batch = (int(v) for v in args.shape.split('x'))
   if args.child:
     child(image_size, batch, args.steps)
@@ -146,4 +150,5 @@ def main():
 
 
 if __name__ == '__main__':
-  main()
+  define_flags()
+  app.run(main)

@@ -1,6 +1,6 @@
 """Why the demo's seed captioner does not name shapes: can the same ResNet trunk learn shape at all?
 
-  python -m benchmarks.shape_learning [--width=16] [--steps=250] [--variants=classifier,caption,...]
+  python -m benchmarks.investigations.shape_learning [--width=16] [--steps=250] [--variants=classifier,...]
 
 The demo's seed model learns colours and positions but its shape-word loss stays at chance (ln 3) for
 its whole budget (README "Decoders"). This trains capjax's own modules on the demo's scenes
@@ -22,27 +22,29 @@ whose true word is a shape, the argmax over the three shape words' logits (teach
 the truth; chance is 1/3. Scenes with two objects train the caption variants as in the demo.
 """
 
-import argparse
 import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __package__ in (None, ''):  # run as `python benchmarks/investigations/shape_learning.py`
+  sys.path[0] = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from PIL import Image  # noqa: E402
+from absl import app
+from absl import flags
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from PIL import Image
 
-from benchmarks import harness  # noqa: E402
-from capjax import state as state_lib  # noqa: E402
-from capjax import vocab as vocab_lib  # noqa: E402
-from capjax.data import shapes  # noqa: E402
-from capjax.models import captioner  # noqa: E402
-from capjax.models import resnet  # noqa: E402
+from benchmarks import harness
+from capjax import state as state_lib
+from capjax import vocab as vocab_lib
+from capjax.data import shapes
+from capjax.models import captioner
+from capjax.models import resnet
 
 VARIANTS = ('classifier', 'caption', 'caption_shape_words', 'caption_word_loss')
 DRAW_SIZE = 96  # the demo stores its images at 96 px and trains at 64
@@ -172,28 +174,8 @@ def run_variant(variant: str, train: dict, test: dict, vocab, args) -> list[dict
   return curve
 
 
-def parse_args(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--variants', default=','.join(VARIANTS))
-  parser.add_argument('--width', type=int, default=16, help='ResNet width (64: ResNet50 proper)')
-  parser.add_argument('--stage_sizes', default='3,4,6,3')
-  parser.add_argument('--image_size', type=int, default=64)
-  parser.add_argument('--steps', type=int, default=250)
-  parser.add_argument('--batch_size', type=int, default=32)
-  parser.add_argument('--learning_rate', type=float, default=2e-3, help="the demo's")
-  parser.add_argument('--num_train', type=int, default=1000)
-  parser.add_argument('--num_test', type=int, default=300)
-  parser.add_argument('--max_caption_len', type=int, default=20)
-  parser.add_argument('--eval_every', type=int, default=50)
-  parser.add_argument('--word_loss_weight', type=float, default=1.0,
-                      help="caption_word_loss's weight of the word-presence loss")
-  parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--output', default=harness.default_output(__file__))
-  return parser.parse_args(argv)
-
-
-def main(argv=None) -> dict:
-  args = parse_args(argv)
+def run(args) -> dict:
+  """Trains and scores every variant of `args.variants` (`args`: the flags' values as attributes)."""
   variants = args.variants.split(',')
   unknown = sorted(set(variants) - set(VARIANTS))
   if unknown:
@@ -211,5 +193,36 @@ def main(argv=None) -> dict:
   return payload
 
 
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  # Only when this file runs as the program: absl flags are process-global and the benchmarks import
+  # one another (benchmarks/harness.py, "Flags"). The test defines them in a FlagValues of its own.
+  flags.DEFINE_string('variants', ','.join(VARIANTS), f'Comma-separated, some of {VARIANTS}.',
+                      flag_values=flag_values)
+  flags.DEFINE_integer('width', 16, 'ResNet width (64: ResNet50 proper).', flag_values=flag_values)
+  flags.DEFINE_string('stage_sizes', '3,4,6,3', 'ResNet blocks per stage, comma-separated.',
+                      flag_values=flag_values)
+  flags.DEFINE_integer('image_size', 64, 'Square image side the models see.', flag_values=flag_values)
+  flags.DEFINE_integer('steps', 250, 'Training steps per variant.', flag_values=flag_values)
+  flags.DEFINE_integer('batch_size', 32, 'Scenes per step.', flag_values=flag_values)
+  flags.DEFINE_float('learning_rate', 2e-3, "Peak learning rate (the demo's).", flag_values=flag_values)
+  flags.DEFINE_integer('num_train', 1000, 'Training scenes.', flag_values=flag_values)
+  flags.DEFINE_integer('num_test', 300, 'Held-out scenes.', flag_values=flag_values)
+  flags.DEFINE_integer('max_caption_len', 20, 'Tokens per caption incl. <START>/<END>.',
+                       flag_values=flag_values)
+  flags.DEFINE_integer('eval_every', 50, 'Held-out accuracy every this many steps (and after the last).',
+                       flag_values=flag_values)
+  flags.DEFINE_float('word_loss_weight', 1.0, "caption_word_loss's weight of the word-presence loss.",
+                     flag_values=flag_values)
+  flags.DEFINE_integer('seed', 0, 'Seed of the initialisation and the batches.', flag_values=flag_values)
+  flags.DEFINE_string('output', harness.default_output(__file__), 'JSON path; empty: write none.',
+                      flag_values=flag_values)
+
+
+def main(argv):
+  harness.start(argv)
+  run(harness.script_flags())
+
+
 if __name__ == '__main__':
-  main()
+  define_flags()
+  app.run(main)

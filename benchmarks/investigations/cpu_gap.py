@@ -1,8 +1,8 @@
 r"""The CPU gap: training-step images/s of capjax before and after the small-map convolution workaround,
 beside the PyTorch eager reference, interleaved in one run.
 
-  python -m benchmarks.cpu_gap                          # 64 px batch 32 and 224 px batch 4, ~5 min here
-  python -m benchmarks.cpu_gap --shapes=48x32,96x32 --rounds=5
+  python -m benchmarks.investigations.cpu_gap           # 64 px batch 32 and 224 px batch 4, ~5 min here
+  python -m benchmarks.investigations.cpu_gap --shapes=48x32,96x32 --rounds=5
 
 Variants, per `--shapes` entry (image side x batch), all on the same synthetic batch (uint8 images,
 caption-like tokens padded to 24, vocabulary 5,507) and the same model (ResNet50 + 256-unit LSTM):
@@ -12,22 +12,23 @@ caption-like tokens padded to 24, vocabulary 5,507) and the same model (ResNet50
   torch N thread(s)  `torch_reference.TorchCaptioner`, eager float32: masked cross-entropy, backward,
                      clipping, AdamW (the step of `train_throughput.py --torch_modes=train`), with
                      N = --torch_threads (default: 2 (torch's default here) and 1, which a shared
-                     machine can favour; see RESULTS.md, surprise 1)
+                     machine can favour; see benchmarks/RESULTS.md, surprise 1)
 Compile time is apart; each variant gets one untimed step, then `--rounds` rounds of `--steps` steps
 per variant, the order rotated every round (`structural_wins.time_interleaved`); medians are reported,
 the range is in the JSON.
 """
 
-import argparse
 import contextlib
 import os
 import sys
 import time
 from unittest import mock
 
-if __package__ in (None, ''):  # run as `python benchmarks/cpu_gap.py`
-  sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if __package__ in (None, ''):  # run as `python benchmarks/investigations/cpu_gap.py`
+  sys.path[0] = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from absl import app
+from absl import flags
 import jax
 
 from benchmarks import harness
@@ -88,7 +89,7 @@ def torch_variant(host_batch: dict, image_size: int, threads: int):
     torch.set_num_threads(threads)
     start = time.perf_counter()
     for _ in range(steps):
-      # train_throughput.torch_loss_fn's 'train' loss (that module's flags clash with structural_wins').
+      # train_throughput.torch_loss_fn's 'train' loss.
       tokens = inputs['tokens']
       logits = model(inputs['image'], tokens[:, :-1])
       loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(),
@@ -127,20 +128,20 @@ def measure_shape(image_size: int, batch: int, args, mesh) -> list[dict]:
   return rows
 
 
-def parse_args():
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--shapes', default='64x32,224x4', help='image side x batch, comma-separated')
-  parser.add_argument('--rounds', type=int, default=3)
-  parser.add_argument('--steps', type=int, default=2, help='steps per variant per round')
-  parser.add_argument('--torch_threads', default='2,1', help='torch variants: intra-op threads of each')
-  parser.add_argument('--output', default=None, help='default benchmarks/results/cpu_gap.json')
-  args = parser.parse_args()
-  args.torch_threads = [int(t) for t in args.torch_threads.split(',') if t]
-  return args
+def define_flags() -> None:
+  # Only when this file runs as the program: absl flags are process-global and the benchmarks import
+  # one another (benchmarks/harness.py, "Flags").
+  flags.DEFINE_string('shapes', '64x32,224x4', 'Image side x batch, comma-separated.')
+  flags.DEFINE_integer('rounds', 3, 'Interleaved timing rounds.')
+  flags.DEFINE_integer('steps', 2, 'Steps per variant per round.')
+  flags.DEFINE_list('torch_threads', ['2', '1'], 'Torch variants: intra-op threads of each.')
+  flags.DEFINE_string('output', None, 'JSON path; default benchmarks/results/cpu_gap.json.')
 
 
-def main():
-  args = parse_args()
+def main(argv):
+  harness.start(argv)
+  args = harness.script_flags()
+  args.torch_threads = [int(t) for t in args.torch_threads if t]
   mesh = mesh_lib.make_mesh()
   before = harness.idle_check()
   print(f'before the run: {harness.describe_load(before)}')
@@ -160,4 +161,5 @@ def main():
 
 
 if __name__ == '__main__':
-  main()
+  define_flags()
+  app.run(main)

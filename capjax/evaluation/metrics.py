@@ -26,8 +26,7 @@ a warning naming it and the cause, instead of failing the whole evaluation.
 
 from __future__ import annotations
 
-import contextlib
-import io
+import dataclasses
 import logging
 import os
 import re
@@ -76,41 +75,50 @@ def compute_caption_metrics(candidates: Mapping[str, str], references: Mapping[s
   a warning, when Java is missing. on_error: 'raise', or 'warn' to leave out (with a warning) any
   metric whose scorer fails.
   """
-  if on_error not in ('raise', 'warn'):
-    raise ValueError(f"on_error must be 'raise' or 'warn', got {on_error!r}")
-  requested = _check_metric_names(metrics)
-  gts, res, used = tokenized_pairs(candidates, references, tokenizer)
-  # METEOR is a Java program too: it runs when Java is on PATH, unless Java just failed to tokenise.
-  have_java = shutil.which('java') is not None and (tokenizer != 'auto' or used == 'ptb')
-
-  if 'meteor' in requested and not have_java:
-    logger.warning('METEOR skipped: it needs a working Java and `java` is not on PATH or fails.')
-    requested.remove('meteor')
-
-  results = {}
-  for name in requested:
-    try:
-      results.update(_SCORERS[name](gts, res))
-    except Exception as e:  # pylint: disable=broad-except
-      if on_error == 'raise':
-        raise
-      logger.warning('%s could not be computed and is left out: %s: %s', name, type(e).__name__, e)
-  return results
+  tokenized = tokenize_for_scoring(references, {'candidates': candidates}, tokenizer)
+  return score_tokenized(tokenized, 'candidates', metrics=metrics, on_error=on_error).corpus
 
 
-def tokenized_pairs(candidates: Mapping[str, str], references: Mapping[str, Sequence[str]],
-                    tokenizer: str = 'auto') -> tuple[dict, dict, str]:
-  """(gts, res, tokenizer used): the references and candidates tokenised as coco-caption does, in
-  pycocoevalcap's layout (image id -> list of space-joined token strings, ids in the candidates' order),
-  ready for any pycocoevalcap scorer; the tokenizer used is 'ptb' (Java) or 'python'.
+@dataclasses.dataclass(frozen=True)
+class Tokenized:
+  """References and any number of candidate sets, tokenised by one tokenizer run.
 
-  Arguments as in `compute_caption_metrics`. In 'auto' mode a Java that fails falls back to the Python
-  tokeniser with a warning, so the tokenizer used is the one to report, not the one asked for.
-  """
-  image_ids = check_image_ids(candidates, references)
+  references: image id -> tokenised references; candidates: set name -> (image id -> [tokenised
+  caption]), both in pycocoevalcap's layout (space-joined tokens, ids in the candidates' order);
+  tokenizer: the one actually used, 'ptb' (Java) or 'python'; asked: the one asked for."""
+  references: dict
+  candidates: dict[str, dict]
+  tokenizer: str
+  asked: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Scores:
+  """`score_tokenized`'s result: corpus scores, and per image (for the scorers that give them: CIDEr,
+  Bleu_1..Bleu_4) image id -> {metric: score}, in the candidates' order."""
+  corpus: dict[str, float]
+  per_image: dict
+
+
+def tokenize_for_scoring(references: Mapping[str, Sequence[str]],
+                         candidate_sets: Mapping[str, Mapping[str, str]],
+                         tokenizer: str = 'auto') -> Tokenized:
+  """Tokenises every candidate set and the references they need in ONE tokenizer run (one Java start),
+  as coco-caption does. Every set must caption the same image ids (those of the first set).
+
+  In 'auto' mode a Java that fails falls back to the Python tokeniser with a warning, so the tokenizer
+  used is the one to report, not the one asked for."""
+  if not candidate_sets:
+    raise ValueError('no candidate sets to tokenise')
+  sets = list(candidate_sets.items())
+  image_ids = check_image_ids(sets[0][1], references)
+  for name, candidates in sets[1:]:
+    if check_image_ids(candidates, references) != image_ids:
+      raise ValueError(f'candidate set {name!r} captions other images than {sets[0][0]!r}')
   use_ptb = _resolve_tokenizer(tokenizer, shutil.which('java') is not None)
   together = {('ref', i): list(references[i]) for i in image_ids}
-  together.update({('cand', i): [candidates[i]] for i in image_ids})
+  for name, candidates in sets:
+    together.update({(name, i): [candidates[i]] for i in image_ids})
   try:
     tokenized = tokenize_captions(together, use_ptb=use_ptb)
   except RuntimeError as e:
@@ -118,9 +126,46 @@ def tokenized_pairs(candidates: Mapping[str, str], references: Mapping[str, Sequ
       raise
     logger.warning('%s; tokenising with the pure-Python PTB imitation instead.', e)
     tokenized, use_ptb = tokenize_captions(together, use_ptb=False), False
-  gts = {i: tokenized[('ref', i)] for i in image_ids}
-  res = {i: tokenized[('cand', i)] for i in image_ids}
-  return gts, res, 'ptb' if use_ptb else 'python'
+  return Tokenized(references={i: tokenized[('ref', i)] for i in image_ids},
+                   candidates={name: {i: tokenized[(name, i)] for i in image_ids} for name, _ in sets},
+                   tokenizer='ptb' if use_ptb else 'python', asked=tokenizer)
+
+
+def tokenized_pairs(candidates: Mapping[str, str], references: Mapping[str, Sequence[str]],
+                    tokenizer: str = 'auto') -> tuple[dict, dict, str]:
+  """(gts, res, tokenizer used): the references and candidates tokenised as coco-caption does, in
+  pycocoevalcap's layout, ready for any pycocoevalcap scorer (see `tokenize_for_scoring`)."""
+  tokenized = tokenize_for_scoring(references, {'candidates': candidates}, tokenizer)
+  return tokenized.references, tokenized.candidates['candidates'], tokenized.tokenizer
+
+
+def score_tokenized(tokenized: Tokenized, candidate_set: str, *, metrics: Iterable[str] = DEFAULT_METRICS,
+                    on_error: str = 'raise') -> Scores:
+  """Each requested scorer run once over one tokenised candidate set: corpus scores (as
+  `compute_caption_metrics`) and, from the same scorer calls, per-image CIDEr-D and BLEU.
+  METEOR runs when Java is on PATH, unless Java just failed to tokenise ('auto' fell back)."""
+  if on_error not in ('raise', 'warn'):
+    raise ValueError(f"on_error must be 'raise' or 'warn', got {on_error!r}")
+  requested = _check_metric_names(metrics)
+  have_java = shutil.which('java') is not None and (tokenized.asked != 'auto' or tokenized.tokenizer == 'ptb')
+  if 'meteor' in requested and not have_java:
+    logger.warning('METEOR skipped: it needs a working Java and `java` is not on PATH or fails.')
+    requested.remove('meteor')
+  gts, res = tokenized.references, tokenized.candidates[candidate_set]
+  corpus, per_image = {}, {i: {} for i in res}
+  for name in requested:
+    try:
+      scores, image_scores = _SCORERS[name](gts, res)
+    except Exception as e:  # pylint: disable=broad-except
+      if on_error == 'raise':
+        raise
+      logger.warning('%s could not be computed and is left out: %s: %s', name, type(e).__name__, e)
+      continue
+    corpus.update(scores)
+    for key, values in image_scores.items():  # the scorers list images in the order of gts' keys
+      for image_id, value in zip(gts, values):
+        per_image[image_id][key] = float(value)
+  return Scores(corpus=corpus, per_image=per_image)
 
 
 def format_metrics_table(metrics: Mapping[str, float]) -> str:
@@ -197,25 +242,28 @@ def _resolve_tokenizer(tokenizer: str, have_java: bool) -> bool:
     raise RuntimeError("tokenizer='ptb' needs Java, and `java` is not on PATH")
   if tokenizer == 'auto' and not have_java:
     logger.warning('Java not found: tokenising captions with the pure-Python PTB imitation '
-                   '(capjax.metrics.python_ptb_tokenize); scores may differ slightly from coco-caption.')
+                   '(capjax.evaluation.metrics.python_ptb_tokenize); scores may differ slightly from '
+                   'coco-caption.')
   return tokenizer == 'ptb' or (tokenizer == 'auto' and have_java)
 
 
 # ----------------------------------------------------------------------------- scorers
 
-def _bleu(gts, res) -> dict[str, float]:
-  with contextlib.redirect_stdout(io.StringIO()):  # BleuScorer prints its n-gram statistics
-    scores, _ = Bleu(4).compute_score(gts, res)
-  return {k: float(s) for k, s in zip(METRIC_KEYS['bleu'], scores)}
+# Each scorer: (gts, res) -> (corpus scores, {metric: per-image scores in gts' order}).
+
+def _bleu(gts, res) -> tuple[dict[str, float], dict[str, list]]:
+  scores, per_image = Bleu(4).compute_score(gts, res, verbose=0)
+  return ({k: float(s) for k, s in zip(METRIC_KEYS['bleu'], scores)},
+          dict(zip(METRIC_KEYS['bleu'], per_image)))
 
 
-def _meteor(gts, res) -> dict[str, float]:
+def _meteor(gts, res) -> tuple[dict[str, float], dict[str, list]]:
   scorer = Meteor()  # starts a JVM (~9 s): only when METEOR is asked for
   try:
     score, _ = scorer.compute_score(gts, res)
   finally:
     _stop_meteor(scorer)
-  return {'METEOR': float(score)}
+  return {'METEOR': float(score)}, {}
 
 
 def _stop_meteor(scorer) -> None:
@@ -229,14 +277,14 @@ def _stop_meteor(scorer) -> None:
   process.stderr.close()
 
 
-def _rouge(gts, res) -> dict[str, float]:
+def _rouge(gts, res) -> tuple[dict[str, float], dict[str, list]]:
   score, _ = Rouge().compute_score(gts, res)
-  return {'ROUGE_L': float(score)}
+  return {'ROUGE_L': float(score)}, {}
 
 
-def _cider(gts, res) -> dict[str, float]:
-  score, _ = Cider().compute_score(gts, res)
-  return {'CIDEr': float(score)}
+def _cider(gts, res) -> tuple[dict[str, float], dict[str, list]]:
+  score, per_image = Cider().compute_score(gts, res)
+  return {'CIDEr': float(score)}, {'CIDEr': per_image}
 
 
 _SCORERS = {'bleu': _bleu, 'meteor': _meteor, 'rouge': _rouge, 'cider': _cider}

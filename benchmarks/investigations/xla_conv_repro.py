@@ -1,6 +1,7 @@
 """XLA:CPU: convolutions on tiny spatial maps (and 1x1 kernel gradients) run 10-80x slower than im2col + dot.
 
-Standalone (needs only jax and numpy), for the XLA issue tracker: `python xla_conv_repro.py [reps]`.
+Standalone (needs only jax, numpy and absl-py), for the XLA issue tracker:
+`python xla_conv_repro.py [--reps=5]`.
 
 Each case is one `lax.conv_general_dilated` (NHWC input, HWIO kernel, float32, jit-compiled) and the same
 function written as im2col (zero padding, kh*kw strided slices concatenated on the channel axis, one dot).
@@ -18,8 +19,8 @@ compiling one. These shapes occur in ResNet50 (stage 4 at 48-64 px inputs; every
   c. 1x1 on a 16x16 map (batch 32, 64 -> 256): fast forward, slow kernel gradient (XLA computes it as a
      convolution whose window is the whole 16x16 map; as a dot it is `einsum('nhwc,nhwo->co')`).
 
-Observed on a 2-core AMD EPYC KVM guest, jax/jaxlib 0.10.2, `python xla_conv_repro.py 5`, while other
-jobs kept the machine busy (load average 7); ms wall / ms CPU of the process, conv vs im2col + dot:
+Observed on a 2-core AMD EPYC KVM guest, jax/jaxlib 0.10.2, `python xla_conv_repro.py --reps=5`, while
+other jobs kept the machine busy (load average 7); ms wall / ms CPU of the process, conv vs im2col + dot:
   a.  fwd 2015 / 991 vs 16.2 / 13.5   grad 2007 / 1024 vs 50.3 / 23.2   (73x, 44x in CPU time)
   a'. fwd   98 /  48 vs 24.5 / 12.7   grad 3674 / 1764 vs 83.7 / 41.8   (3.8x, 42x)
   b.  fwd  101 /  50 vs 26.7 / 12.9   grad 2149 / 1065 vs 51.4 / 25.0   (3.9x, 43x)
@@ -32,13 +33,17 @@ slower than the dot, not 30-70x. `--xla_cpu_use_onednn=true`, `--xla_cpu_use_xnn
 bfloat16 is as slow (1.87 s). Expected: about the time of the equivalent dot (both do the same FLOPs).
 """
 
-import sys
 import time
 
+from absl import app
+from absl import flags
+from absl import logging
 import jax
 from jax import lax
 import jax.numpy as jnp
 import numpy as np
+
+FLAGS = flags.FLAGS
 
 DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
 
@@ -79,7 +84,17 @@ def median_ms(fn, *args, reps):
   return 1e3 * float(np.median(wall)), 1e3 * float(np.median(cpu))
 
 
-def main(reps: int = 5):
+def define_flags() -> None:
+  # Only when this file runs as the program (absl flags are process-global), as in capjax's benchmarks.
+  flags.DEFINE_integer('reps', 5, 'Timed calls per case and implementation (median reported).')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments {argv[1:]}: the repetitions are --reps=N')
+  if not FLAGS['verbosity'].present:  # app.run turns on jax's INFO logs
+    logging.set_verbosity(logging.WARNING)
+  reps = FLAGS.reps
   print(f'jax {jax.__version__}, {jax.devices()[0].device_kind}, median of {reps}; ms wall / ms CPU')
   for name, (batch, size, cin, cout, k, stride, pad) in CASES.items():
     kx, kw, kg = jax.random.split(jax.random.key(0), 3)
@@ -98,4 +113,5 @@ def main(reps: int = 5):
 
 
 if __name__ == '__main__':
-  main(*(int(a) for a in sys.argv[1:]))
+  define_flags()
+  app.run(main)

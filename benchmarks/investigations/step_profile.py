@@ -1,8 +1,8 @@
 r"""Where a training step's time goes once the small-map convolutions are fixed: its parts timed alone,
 capjax beside the torch reference, interleaved in one run.
 
-  python -m benchmarks.step_profile                     # 64 px, batch 32, ~4 min here
-  python -m benchmarks.step_profile --image_size=224 --batch=4
+  python -m benchmarks.investigations.step_profile      # 64 px, batch 32, ~4 min here
+  python -m benchmarks.investigations.step_profile --image_size=224 --batch=4
 
 Parts (capjax: each one jitted; torch: eager, float32, `--torch_threads`):
   full step           the whole train step (capjax.state.compile_train_step; torch as in cpu_gap.py)
@@ -29,7 +29,6 @@ Every part is timed in the same rotated rounds (`structural_wins.time_interleave
 trunk + head + optimizer, what the full step does apart from glue (loss, concatenation, casts).
 """
 
-import argparse
 import contextlib
 import copy
 import functools
@@ -37,19 +36,21 @@ import os
 import sys
 import time
 
-if __package__ in (None, ''):  # run as `python benchmarks/step_profile.py`
-  sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if __package__ in (None, ''):  # run as `python benchmarks/investigations/step_profile.py`
+  sys.path[0] = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from absl import app
+from absl import flags
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks import cpu_gap
 from benchmarks import harness
-from benchmarks import resnet_convs
 from benchmarks import structural_wins
+from benchmarks.investigations import cpu_gap
+from benchmarks.investigations import resnet_convs
 from capjax import device_augment
 from capjax import input_pipeline
 from capjax import mesh as mesh_lib
@@ -354,19 +355,20 @@ def torch_parts(args) -> dict:
           'optimizer': timed(optimizer_step)}
 
 
-def parse_args():
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--image_size', type=int, default=64)
-  parser.add_argument('--batch', type=int, default=32)
-  parser.add_argument('--rounds', type=int, default=3)
-  parser.add_argument('--steps', type=int, default=2, help='calls per part per round')
-  parser.add_argument('--torch_threads', type=int, default=1, help='0: leave out torch')
-  parser.add_argument('--output', default=None, help='default benchmarks/results/step_profile.json')
-  return parser.parse_args()
+def define_flags() -> None:
+  # Only when this file runs as the program: absl flags are process-global and the benchmarks import
+  # one another (benchmarks/harness.py, "Flags").
+  flags.DEFINE_integer('image_size', 64, 'Square image side.')
+  flags.DEFINE_integer('batch', 32, 'Images per step.')
+  flags.DEFINE_integer('rounds', 3, 'Interleaved timing rounds.')
+  flags.DEFINE_integer('steps', 2, 'Calls per part per round.')
+  flags.DEFINE_integer('torch_threads', 1, 'torch intra-op threads; 0: leave out torch.')
+  flags.DEFINE_string('output', None, 'JSON path; default benchmarks/results/step_profile.json.')
 
 
-def main():
-  args = parse_args()
+def main(argv):
+  harness.start(argv)
+  args = harness.script_flags()
   mesh = mesh_lib.make_mesh()
   before = harness.idle_check()
   print(f'before the run: {harness.describe_load(before)}')
@@ -402,4 +404,5 @@ def main():
 
 
 if __name__ == '__main__':
-  main()
+  define_flags()
+  app.run(main)

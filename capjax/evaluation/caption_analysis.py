@@ -1,17 +1,18 @@
 """What an evaluation's captions say beyond the corpus scores: per-image scores, paper-style BLEU, and
 signs of mode collapse (one caption for every image).
 
-Three pure functions (Python and numpy; no JAX), whose outputs go into the evaluation report
-(`capjax/report.py`) and its JSON:
+Pure functions (Python and numpy; no JAX), whose outputs go into the evaluation report
+(`capjax/evaluation/report.py`) and its JSON:
 
 - `per_image_scores`: pycocoevalcap's own CIDEr-D and BLEU scorers, per image and for the corpus, on
-  captions tokenised exactly as `capjax.metrics.compute_caption_metrics` tokenises them, so that the mean
-  of the per-image CIDEr is the corpus CIDEr that the metrics table reports.
+  captions tokenised exactly as `metrics.compute_caption_metrics` tokenises them, so that the mean of the
+  per-image CIDEr is the corpus CIDEr that the metrics table reports (an evaluation gets both from one
+  `metrics.score_tokenized` call).
 - `paper_bleu`: BLEU-1..4 the way many papers and PyTorch repositories compute it (NLTK's
   `corpus_bleu`), which is not coco-caption's BLEU; the differences are listed in its docstring.
-- `collapse_report`: distinct captions, the most repeated ones, captions copied from the training set,
-  vocabulary use, caption lengths, and a warning sentence when the model says the same thing for most
-  images.
+- `collapse_report`: a `CollapseReport` of distinct captions, the most repeated ones, captions copied from
+  the training set, vocabulary use, caption lengths, and a warning sentence when the model says the same
+  thing for most images.
 """
 
 from __future__ import annotations
@@ -23,10 +24,8 @@ import warnings
 
 from nltk.translate import bleu_score
 import numpy as np
-from pycocoevalcap.bleu.bleu import Bleu
-from pycocoevalcap.cider.cider import Cider
 
-from capjax import metrics as metrics_lib
+from capjax.evaluation import metrics as metrics_lib
 from capjax import vocab as vocab_lib
 
 # collapse_report's warning fires, on at least MIN_IMAGES_FOR_WARNING images, when the TOP_FEW most
@@ -74,19 +73,14 @@ def per_image_scores(candidates: Mapping[Hashable, str], references: Mapping[Has
                      tokenizer: str = 'auto') -> CaptionScores:
   """CIDEr-D and BLEU-4 of every image, and the corpus CIDEr-D and BLEU-1..4, by pycocoevalcap.
 
-  candidates, references and tokenizer are as in `capjax.metrics.compute_caption_metrics` (one
+  candidates, references and tokenizer are as in `capjax.evaluation.metrics.compute_caption_metrics` (one
   generated caption per image id; the references must cover every candidate id). As there, 'auto'
   falls back to the Python tokeniser when Java is missing or fails.
   """
-  gts, res, used = metrics_lib.tokenized_pairs(candidates, references, tokenizer)
-  image_ids = list(gts)
-  cider, cider_per_image = Cider().compute_score(gts, res)
-  bleu, bleu_per_image = Bleu(4).compute_score(gts, res, verbose=0)
-  corpus = {'CIDEr': float(cider), **{f'Bleu_{n + 1}': float(b) for n, b in enumerate(bleu)}}
-  # Both scorers list the images in the order of gts' keys, which is image_ids.
-  per_image = {i: {'CIDEr': float(c), 'Bleu_4': float(b)}
-               for i, c, b in zip(image_ids, cider_per_image, bleu_per_image[3])}
-  return CaptionScores(corpus=corpus, per_image=per_image, tokenizer=used)
+  tokenized = metrics_lib.tokenize_for_scoring(references, {'candidates': candidates}, tokenizer)
+  scores = metrics_lib.score_tokenized(tokenized, 'candidates', metrics=('cider', 'bleu'))
+  per_image = {i: {'CIDEr': s['CIDEr'], 'Bleu_4': s['Bleu_4']} for i, s in scores.per_image.items()}
+  return CaptionScores(corpus=scores.corpus, per_image=per_image, tokenizer=tokenized.tokenizer)
 
 
 # ----------------------------------------------------------------------------- paper-style BLEU
@@ -100,7 +94,7 @@ def paper_bleu(candidates: Mapping[Hashable, str],
   captions that are only lower-cased and split on whitespace.
 
   How it differs from coco-caption's Bleu_1..Bleu_4 (pycocoevalcap/bleu/bleu_scorer.py), which
-  `capjax.metrics` reports:
+  `capjax.evaluation.metrics` reports:
   - Tokens. coco-caption runs the PTB tokenizer and drops punctuation: 'surfboard.' -> 'surfboard',
     "man's" -> "man 's". Here punctuation stays on the word, so 'surfboard' in a generated caption does
     not match 'surfboard.' at the end of a reference, and the scores come out lower. (Repositories that
@@ -138,18 +132,13 @@ def _lower_split(caption: str) -> list[str]:
 
 # ----------------------------------------------------------------------------- collapse detectors
 
-def collapse_report(captions: Mapping[Hashable, str], train_captions: Iterable[str], vocab_size: int,
-                    references: Mapping[Hashable, Sequence[str]] | None = None) -> dict:
-  """Signs that the model writes the same caption whatever the image (a JSON-ready dict).
+@dataclasses.dataclass(frozen=True)
+class CollapseReport:
+  """Signs that a model writes the same caption whatever the image (`collapse_report`).
 
-  captions: image id -> generated caption (the decoder's words joined by spaces). train_captions: the
-  training split's reference captions (raw text). vocab_size: how many words the model can write,
-  e.g. `len(vocab) - len(vocab_lib.SPECIALS)`. references: image id -> reference captions, for the
-  length histogram (optional).
-
-  Captions are compared after `capjax.vocab.tokenize` (lower-case, punctuation dropped), the model's
-  own view of its training text, so 'A dog on a couch.' in the training set matches a generated
-  'a dog on a couch'. Keys:
+  Captions are compared after `capjax.vocab.tokenize` (lower-case, punctuation dropped), the model's own
+  view of its training text, so 'A dog on a couch.' in the training set matches a generated 'a dog on a
+  couch'.
     images, distinct_captions, distinct_ratio (distinct / images),
     most_repeated: up to 10 [{'caption', 'count', 'share'}] of the captions written for 2+ images,
     top_caption_share: the share of images that get the most common caption,
@@ -165,7 +154,36 @@ def collapse_report(captions: Mapping[Hashable, str], train_captions: Iterable[s
     thresholds: the values the warning uses (module constants),
     warning: a sentence when the captions look collapsed (see TOP_SHARE_WARNING), else None.
   The warning thresholds suit test splits of tens of images and more; on a handful of images it is
-  noise.
+  noise. `as_dict()` is the JSON form (the evaluation record's 'collapse').
+  """
+  images: int
+  distinct_captions: int
+  distinct_ratio: float
+  most_repeated: list[dict]
+  top_caption_share: float
+  top_few_share: float
+  in_train_fraction: float
+  novel_fraction: float
+  words_used: int
+  vocab_size: int
+  vocab_coverage: float
+  mean_length: dict
+  length_histogram: dict
+  thresholds: dict
+  warning: str | None
+
+  def as_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+def collapse_report(captions: Mapping[Hashable, str], train_captions: Iterable[str], vocab_size: int,
+                    references: Mapping[Hashable, Sequence[str]] | None = None) -> CollapseReport:
+  """A `CollapseReport` of generated captions.
+
+  captions: image id -> generated caption (the decoder's words joined by spaces). train_captions: the
+  training split's reference captions (raw text). vocab_size: how many words the model can write,
+  e.g. `len(vocab) - len(vocab_lib.SPECIALS)`. references: image id -> reference captions, for the
+  length histogram (optional).
   """
   if not captions:
     raise ValueError('no captions to analyse')
@@ -176,7 +194,7 @@ def collapse_report(captions: Mapping[Hashable, str], train_captions: Iterable[s
   train = {_normalise(c) for c in train_captions}
   in_train = sum(c in train for c in normalised.values()) / images
   words = {w for c in captions.values() for w in c.split() if w not in vocab_lib.SPECIALS}
-  report = {
+  facts = {
       'images': images, 'distinct_captions': distinct, 'distinct_ratio': distinct / images,
       'most_repeated': [{'caption': c, 'count': n, 'share': n / images}
                         for c, n in counts.most_common(MOST_REPEATED) if n > 1],
@@ -189,8 +207,7 @@ def collapse_report(captions: Mapping[Hashable, str], train_captions: Iterable[s
       'thresholds': {'top_few': TOP_FEW, 'top_few_share': TOP_SHARE_WARNING,
                      'distinct_ratio': DISTINCT_RATIO_WARNING, 'min_images': MIN_IMAGES_FOR_WARNING},
   }
-  report['warning'] = _collapse_warning(report, top_caption, top_count)
-  return report
+  return CollapseReport(**facts, warning=_collapse_warning(facts, top_caption, top_count))
 
 
 def _normalise(caption: str) -> str:

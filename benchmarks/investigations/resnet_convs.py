@@ -1,8 +1,8 @@
 r"""Every convolution of ResNet50 at one image size and batch: XLA's convolution vs the same as a matrix
 product, with torch's conv2d beside them; which one `small_map_conv`'s rule picks, and what it adds up to.
 
-  python -m benchmarks.resnet_convs --image_size=64 --batch=32
-  python -m benchmarks.resnet_convs --image_size=224 --batch=4 \
+  python -m benchmarks.investigations.resnet_convs --image_size=64 --batch=32
+  python -m benchmarks.investigations.resnet_convs --image_size=224 --batch=4 \
       --output=benchmarks/results/resnet_convs_224px.json
 
 The layers are the real trunk's (`capjax.models.resnet.ResNet()`, traced with `jax.eval_shape`, each
@@ -18,16 +18,17 @@ all 53 convolutions, weighted by their counts: a trunk's convolution time per st
 ReLU, pooling or the optimizer.
 """
 
-import argparse
 import collections
 import functools
 import os
 import sys
 import time
 
-if __package__ in (None, ''):  # run as `python benchmarks/resnet_convs.py`
-  sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if __package__ in (None, ''):  # run as `python benchmarks/investigations/resnet_convs.py`
+  sys.path[0] = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from absl import app
+from absl import flags
 import flax.linen as nn
 import jax
 from jax import lax
@@ -158,19 +159,20 @@ def totals(rows: list[dict], with_torch: bool) -> dict:
   return out
 
 
-def parse_args():
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--image_size', type=int, default=64)
-  parser.add_argument('--batch', type=int, default=32)
-  parser.add_argument('--reps', type=int, default=5)
-  parser.add_argument('--torch_threads', type=int, default=0, help='0: torch\'s default')
-  parser.add_argument('--no_torch', action='store_true')
-  parser.add_argument('--output', default=None, help='default benchmarks/results/resnet_convs.json')
-  return parser.parse_args()
+def define_flags() -> None:
+  # Only when this file runs as the program: absl flags are process-global and the benchmarks import
+  # one another (benchmarks/harness.py, "Flags").
+  flags.DEFINE_integer('image_size', 64, 'Square image side of the trunk input.')
+  flags.DEFINE_integer('batch', 32, 'Images per call.')
+  flags.DEFINE_integer('reps', 5, 'Timed calls per implementation (median reported).')
+  flags.DEFINE_integer('torch_threads', 0, "torch intra-op threads; 0: torch's default.")
+  flags.DEFINE_bool('no_torch', False, 'Leave out the torch conv2d column.')
+  flags.DEFINE_string('output', None, 'JSON path; default benchmarks/results/resnet_convs.json.')
 
 
-def main():
-  args = parse_args()
+def main(argv):
+  harness.start(argv)
+  args = harness.script_flags()
   torch = None
   if not args.no_torch:
     import torch  # pylint: disable=g-import-not-at-top  (optional yardstick)
@@ -204,4 +206,5 @@ def main():
 
 
 if __name__ == '__main__':
-  main()
+  define_flags()
+  app.run(main)

@@ -1,0 +1,69 @@
+"""`--mode=eval` and `--mode=compare`: a workdir's checkpoint evaluated on a split, and several workdirs'
+checkpoints side by side, each written into the (first) workdir."""
+
+import os
+
+import jax
+
+from capjax import errors
+from capjax import fileio
+from capjax import progress
+from capjax.evaluation import analysis
+from capjax.evaluation import captioning
+from capjax.evaluation import comparison
+from capjax.evaluation import evaluator
+from capjax.evaluation import outputs
+from capjax.evaluation import report as report_lib
+
+
+def evaluate_workdir(workdir: str, *, split: str = 'test', checkpoint: str | int = 'best',
+                     beam_size: int = 3, length_penalty: float = 0.0, no_repeat_ngram: int = 0,
+                     splits=None) -> dict:
+  """Restores a checkpoint onto the devices present now, captions `split`, scores it, and writes
+  `eval_<split>_<step>_<decoding>.json` (metrics, provenance, per-image scores, every caption), `.html`
+  (the report) and `.png` (a grid of captioned images) to the workdir. Returns the JSON record."""
+  evaluation, source = evaluator.evaluate_checkpoint(
+      workdir, split=split, checkpoint=checkpoint,
+      decode=captioning.DecodeSettings(beam_size, length_penalty, no_repeat_ngram), splits=splits)
+  paths = outputs.write_evaluation(evaluation, source, workdir)
+  outputs.print_summary(evaluation)
+  progress.say(f"Wrote {paths['html']} (the report; open it in a browser), {paths['json']} and "
+               f"{paths['png']}")
+  return evaluation.record()
+
+
+def compare_workdirs(workdirs, *, split: str = 'test', checkpoint: str | int = 'best', beam_size: int = 3,
+                     length_penalty: float = 0.0, no_repeat_ngram: int = 0) -> dict:
+  """Captions `split` with the checkpoint of each workdir (decoded the same way) and writes, into the first
+  workdir, one side-by-side report per other workdir: `compare_<split>_<decoding>_<A>-<step>_vs_<B>-<step>`
+  .html and .json (metrics, provenance and per-image CIDEr-D/BLEU-4 of both, and their differences).
+  Returns {'comparisons': [the JSON records], 'files': [the HTML paths]}."""
+  workdirs = [w for w in workdirs if w]
+  if len(workdirs) < 2:
+    raise errors.InputError(f'--mode=compare needs two or more workdirs, as --workdirs=A,B; got {workdirs}')
+  decode = captioning.DecodeSettings(beam_size, length_penalty, no_repeat_ngram)
+  first, source = evaluator.evaluate_checkpoint(workdirs[0], split=split, checkpoint=checkpoint,
+                                                decode=decode)
+  others = [evaluator.evaluate_checkpoint(w, split=split, checkpoint=checkpoint, decode=decode)[0]
+            for w in workdirs[1:]]
+  labels = comparison.labels(workdirs)
+  comparisons, files = [], []
+  for label, run in zip(labels[1:], others):
+    record, shown = comparison.compare(first, run, labels[0], label, decode)
+    paths = {ext: os.path.join(workdirs[0], name) for ext, name in record['files'].items()}
+    if jax.process_index() == 0:
+      fileio.write_json(paths['json'], record)
+      # The page shows A's thumbnails of the images both evaluated (matched by id).
+      report_lib.write_comparison(paths['html'], analysis.report_page(first, source, also_show=shown),
+                                  analysis.report_page(run, None, thumbnails=False),
+                                  labels=(labels[0], label))
+    summary = record['summary']
+    progress.say(f"{label} \u2212 {labels[0]} on {summary['images']} {split} images: CIDEr-D "
+                 f"{summary['mean_CIDEr_difference']:+.4f}; {label} is better on {summary['better']} "
+                 f"images, worse on {summary['worse']}, equal on {summary['equal']}.")
+    for name, metrics in ((labels[0], first.metrics), (label, run.metrics)):
+      progress.say(f'{name}: ' + '  '.join(f'{k} {v:.4f}' for k, v in metrics.items()))
+    progress.say(f"Wrote {paths['html']} (side by side; open it in a browser) and {paths['json']}")
+    comparisons.append(record)
+    files.append(paths['html'])
+  return {'comparisons': comparisons, 'files': files}
