@@ -47,6 +47,9 @@ flags.DEFINE_string('attention_maps', None,
                     'caption: write one PNG per image with its word-by-word attention maps to this folder '
                     '(attention decoder only).')
 flags.DEFINE_list('workdirs', [], 'compare: the workdirs (two or more) whose checkpoints are compared.')
+flags.DEFINE_bool('allow_different_data', False,
+                  'compare: compare workdirs whose split holds other images or references (matched by '
+                  'image id) instead of refusing.')
 flags.DEFINE_string('host', '127.0.0.1',
                     'serve: address to bind. The service has no authentication: bind to other than '
                     'localhost only on a network you trust.')
@@ -55,6 +58,16 @@ flags.DEFINE_integer('max_batch_size', 16, 'serve: images captioned together in 
 flags.DEFINE_float('max_wait_ms', 10.0, 'serve: how long a request waits for others to join its batch.')
 flags.DEFINE_integer('max_upload_mb', 20, 'serve: largest request body accepted.')
 flags.DEFINE_integer('max_image_pixels', 40_000_000, 'serve: larger images are refused.')
+flags.DEFINE_integer('max_decode_mb', 256,
+                     'serve: the most memory decoding may hold, estimated from each image\'s header (size, '
+                     'bit depth, conversion to RGB): an image that would need more is refused (413), and '
+                     'concurrent decodes wait their turn while the ones in flight hold this much together. '
+                     'A 40-megapixel 8-bit RGB image takes about 165 MB.')
+flags.DEFINE_list('allowed_hosts', [],
+                  'serve: host names (the Host header; a port is ignored) the server answers besides '
+                  'localhost, 127.0.0.1 and [::1], e.g. the name a reverse proxy forwards; * answers any. '
+                  'Bound to loopback (the default --host), other names get 421 (a guard against DNS '
+                  'rebinding); bound to another address, the Host header is checked only when this is given.')
 flags.DEFINE_list('allow_config_change', [],
                   'train: config fields that may differ from the checkpoints a run resumes from, e.g. '
                   'train.learning_rate,train.num_epochs (recorded in history.json).')
@@ -94,13 +107,15 @@ def _run_mode(FLAGS) -> None:  # pylint: disable=invalid-name
   elif FLAGS.mode == 'compare':
     evaluation_modes.compare_workdirs(FLAGS.workdirs, split=FLAGS.split, checkpoint=FLAGS.checkpoint_step,
                                       beam_size=FLAGS.beam_size, length_penalty=FLAGS.length_penalty,
-                                      no_repeat_ngram=FLAGS.no_repeat_ngram)
+                                      no_repeat_ngram=FLAGS.no_repeat_ngram,
+                                      allow_different_data=FLAGS.allow_different_data)
   elif FLAGS.mode == 'serve':
     serve.serve(FLAGS.workdir, host=FLAGS.host, port=FLAGS.port, checkpoint=FLAGS.checkpoint_step,
                 beam_size=FLAGS.beam_size, length_penalty=FLAGS.length_penalty,
                 no_repeat_ngram=FLAGS.no_repeat_ngram, max_batch_size=FLAGS.max_batch_size,
                 max_wait_ms=FLAGS.max_wait_ms, max_upload_mb=FLAGS.max_upload_mb,
-                max_image_pixels=FLAGS.max_image_pixels)
+                max_image_pixels=FLAGS.max_image_pixels, max_decode_mb=FLAGS.max_decode_mb,
+                allowed_hosts=FLAGS.allowed_hosts)
   else:
     cli.caption_images(FLAGS.workdir, FLAGS.images, output=FLAGS.output, beam_size=FLAGS.beam_size,
                        checkpoint=FLAGS.checkpoint_step, length_penalty=FLAGS.length_penalty,

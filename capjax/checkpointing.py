@@ -14,6 +14,7 @@ a NaN never ranks as best. A state with a non-finite value is never saved.
 """
 
 from collections.abc import Callable, Sequence
+import errno
 import glob
 import json
 import logging as stdlib_logging
@@ -177,6 +178,9 @@ class Checkpointer:
         metrics[step] = _finite_numbers(saved)
     return metrics
 
+  def has_metrics(self, step: int) -> bool:
+    return step in self._metrics
+
   def record_metrics(self, step: int, metrics: dict[str, Any]) -> None:
     """Remembers a saved step's epoch metrics (finite numbers only) for choosing the best checkpoints."""
     self._metrics[step] = {k: v for k, v in _finite_numbers(metrics).items() if k not in ('epoch', 'step')}
@@ -195,8 +199,18 @@ class Checkpointer:
       items[_DATA] = grain.checkpoint.CheckpointSave(_IteratorPosition(data_state))
     if run_info is not None:
       items[_RUN] = ocp.args.JsonSave(run_info)
-    self._manager.save(step, args=ocp.args.Composite(**items), force=True)
-    self._manager.wait_until_finished()
+    _report_full_disks_once()
+    try:
+      self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore wrap the OSError)
+      if not _out_of_space(e):
+        raise
+      raise errors.DiskFull(
+          f'checkpoint {step} could not be saved: no space left on the disk holding {self.directory} '
+          f'({_free_space(self.directory)} free). The checkpoints saved before it are intact '
+          f'({self.all_steps() or "none yet"}): free some space and run the same command again to '
+          'resume from the newest.') from None
     logging.info('Saved checkpoint at step %d (%s).', step, self.directory)
 
   def _remove_unfinished_saves(self) -> None:
@@ -205,7 +219,8 @@ class Checkpointer:
     if jax.process_index() != 0:
       return
     for path in sorted(glob.glob(os.path.join(self.directory, '*.orbax-checkpoint-tmp*'))):
-      print(f'Removing {path}: an unfinished checkpoint left by a killed run.', flush=True)
+      print(f'Removing {path}: an unfinished checkpoint left by a run that stopped while saving it.',
+            flush=True)
       shutil.rmtree(path, ignore_errors=True)
 
   # ------------------------------------------------------------------------------------ restoring
@@ -218,6 +233,31 @@ class Checkpointer:
     if data_iterator is not None:
       items[_DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
     return self._restore(step, items)[_STATE]
+
+  def restore_fields(self, step: int, target_fields: dict, data_iterator: Any | None = None) -> dict:
+    """Only the named top-level fields of the saved train state (e.g. {'step', 'params', ...}: the
+    parts a changed optimizer can carry over), into the shapes and shardings of `target_fields`."""
+    items = {_STATE: _restore_args(target_fields, partial=True)}
+    if data_iterator is not None:
+      items[_DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
+    return dict(self._restore(step, items)[_STATE])
+
+  def differing_fields(self, step: int, target_state: Any) -> list[str]:
+    """The top-level fields of the train state (e.g. 'opt_state') whose arrays, by name and shape,
+    differ between checkpoint `step` and `target_state`: what a restore into `target_state` would fail
+    on for its structure, not for damaged files. [] when the checkpoint's metadata cannot be read (a
+    restore then reports the damage)."""
+    try:
+      saved_tree = self._manager.item_metadata(step)[_STATE].tree
+    except Exception:  # pylint: disable=broad-except  (missing or damaged metadata)
+      return []
+    saved = {m.name: tuple(m.shape) for m in jax.tree.leaves(
+        saved_tree, is_leaf=lambda x: hasattr(x, 'name') and hasattr(x, 'shape'))}
+    wanted = {_array_name(path): tuple(leaf.shape)
+              for path, leaf in jax.tree_util.tree_flatten_with_path(target_state)[0]}
+    fields = {name.split('.')[0] for name in (*saved, *wanted)}
+    return sorted(f for f in fields if {k: v for k, v in saved.items() if k.split('.')[0] == f}
+                  != {k: v for k, v in wanted.items() if k.split('.')[0] == f})
 
   def restore_variables(self, step: int, target_variables: dict) -> dict:
     """Only {'params', 'batch_stats'} of the saved train state (what inference needs), into the
@@ -259,6 +299,12 @@ class Checkpointer:
     raise errors.CheckpointError(f'no checkpoint in {self.directory} can be restored:\n  ' +
                                  '\n  '.join(failures))
 
+  def set_aside_steps(self) -> list[int]:
+    """The steps of the unreadable checkpoints an earlier run moved to `<directory>_unreadable/`."""
+    aside = f'{self.directory}_unreadable'
+    names = os.listdir(aside) if os.path.isdir(aside) else []
+    return sorted({int(n.split('.')[0]) for n in names if n.split('.')[0].isdigit()})
+
   def _set_aside(self, step: int) -> None:
     if jax.process_index() == 0:
       aside = f'{self.directory}_unreadable'
@@ -286,8 +332,11 @@ def _ignore_reads_finishing_after_a_failed_restore() -> None:
   """After a failed restore, tensorstore's outstanding reads complete on their own threads and call back
   into orbax's event loop, which is closed by then: each callback prints 'RuntimeError: Event loop is
   closed' as an unraisable exception (hundreds of tracebacks for one broken checkpoint), and asyncio
-  reports each abandoned read's error. Those, and only those, are dropped; the failure itself has been
-  reported in one line."""
+  reports each abandoned read's error. orbax's read coroutines that the failure left suspended
+  (`_read_array_index_and_device_put`, one per array) are closed when they are garbage-collected, and
+  what their cleanup raises is reported as unraisable too, 'Exception ignored in <coroutine ...>', one
+  traceback each. Those, and only those, are dropped; the failure itself has been reported in one
+  line."""
   previous = sys.unraisablehook
   if getattr(previous, 'capjax_filter', False):
     return
@@ -296,15 +345,70 @@ def _ignore_reads_finishing_after_a_failed_restore() -> None:
     value = unraisable.exc_value
     if isinstance(value, RuntimeError) and str(value) == 'Event loop is closed':
       return
+    if _is_orbax_coroutine(unraisable.object):
+      return
     previous(unraisable)
   hook.capjax_filter = True
   sys.unraisablehook = hook
   stdlib_logging.getLogger('asyncio').addFilter(_AbandonedReads())
 
 
+_ORBAX_DIR = os.path.dirname(os.path.abspath(ocp.__file__))
+
+
+def _is_orbax_coroutine(obj: Any) -> bool:
+  """A coroutine (or a task's) of orbax's own code, e.g. a read abandoned by a failed restore."""
+  code = getattr(obj, 'cr_code', None) or getattr(getattr(obj, 'get_coro', lambda: None)(), 'cr_code', None)
+  return code is not None and os.path.abspath(code.co_filename).startswith(_ORBAX_DIR + os.sep)
+
+
 def _restore_args(target: Any, partial: bool = False) -> ocp.args.PyTreeRestore:
   return ocp.args.PyTreeRestore(item=target, partial_restore=partial,
                                 restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+
+
+class _FullDisk(stdlib_logging.Filter):
+  """Drops orbax's own log of a save that ran out of space (a traceback from its writer thread): the
+  same failure reaches `Checkpointer.save`, which reports it in one line."""
+
+  def filter(self, record: stdlib_logging.LogRecord) -> bool:
+    text = record.getMessage()
+    if record.exc_info and record.exc_info[1] is not None:
+      text += str(record.exc_info[1])
+    return 'No space left on device' not in text
+
+
+def _report_full_disks_once() -> None:
+  absl_logger = stdlib_logging.getLogger('absl')
+  if not any(isinstance(f, _FullDisk) for f in absl_logger.filters):
+    absl_logger.addFilter(_FullDisk())
+
+
+def _out_of_space(error: BaseException) -> bool:
+  """Whether ENOSPC is somewhere in an exception's chain (tensorstore reports it as text)."""
+  while error is not None:
+    if getattr(error, 'errno', None) == errno.ENOSPC or 'No space left on device' in str(error):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+def _free_space(directory: str) -> str:
+  try:
+    return f'{shutil.disk_usage(directory).free / 2**20:,.0f} MiB'
+  except OSError:
+    return 'unknown space'
+
+
+def _array_name(path) -> str:
+  """An array's name in a checkpoint's metadata, as orbax writes it: its path's keys joined by dots."""
+  parts = []
+  for key in path:
+    for attribute in ('key', 'name', 'idx'):  # DictKey, GetAttrKey, SequenceKey
+      if hasattr(key, attribute):
+        parts.append(str(getattr(key, attribute)))
+        break
+  return '.'.join(parts)
 
 
 def _finite_numbers(metrics: dict) -> dict[str, float]:

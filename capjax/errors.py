@@ -17,6 +17,10 @@ class CheckpointError(CapjaxError):
   """A checkpoint that cannot be read, or a step that does not exist."""
 
 
+class DiskFull(CapjaxError):
+  """A file could not be written for lack of space; what was written before is intact."""
+
+
 class TrainingDiverged(CapjaxError):
   """The loss or gradient norm became NaN/Inf."""
 

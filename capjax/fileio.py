@@ -5,11 +5,14 @@ is atomic on POSIX file systems when both names are in the same directory.
 """
 
 from collections.abc import Callable
+import errno
 import json
 import os
 from typing import IO, Any
 
 import numpy as np
+
+from capjax import errors
 
 
 def write_atomically(path: str, write: Callable[[IO], Any], *, binary: bool = False) -> None:
@@ -20,6 +23,11 @@ def write_atomically(path: str, write: Callable[[IO], Any], *, binary: bool = Fa
     with open(tmp, 'wb' if binary else 'w', **({} if binary else {'encoding': 'utf-8'})) as f:
       write(f)
     os.replace(tmp, path)
+  except OSError as e:
+    if e.errno != errno.ENOSPC:
+      raise
+    raise errors.DiskFull(f'{path} could not be written: no space left on its disk; the previous '
+                          'version of the file, if any, is intact') from None
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)

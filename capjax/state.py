@@ -79,6 +79,17 @@ def make_optimizer(train_cfg, schedule: optax.Schedule, encoder_mode: str,
   return optax.chain(clip, _adamw(train_cfg, schedule))
 
 
+def continue_schedules(opt_state, step: int):
+  """A freshly initialised optimizer state whose learning-rate schedules go on from `step` (each
+  schedule counts its own steps) while Adam's moments, and their bias correction, start from zero: what
+  a resumed run gets when its optimizer is built differently from the checkpoint's."""
+  def carry_on(node):
+    if isinstance(node, optax.ScaleByScheduleState):
+      return node._replace(count=jax.device_put(jnp.asarray(step, node.count.dtype), node.count.sharding))
+    return node
+  return jax.tree.map(carry_on, opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
+
+
 # ----------------------------------------------------------------------------------------------
 # Loss and pure steps
 # ----------------------------------------------------------------------------------------------

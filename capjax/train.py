@@ -68,6 +68,7 @@ class _Run:
   writer: Any = None
   history: list[dict] = dataclasses.field(default_factory=list)
   config_changes: dict = dataclasses.field(default_factory=dict)  # allowed on resume; next epoch records
+  optimizer_rebuilt: dict | None = None  # when a resume rebuilt the optimizer state; next epoch records
   # The loop's bookkeeping, kept in each checkpoint so a resumed run reports what an unbroken one would.
   epoch_loss_sum: float = 0.0
   epoch_loss_steps: int = 0
@@ -82,6 +83,13 @@ class _Run:
   def val_loss(self, state) -> loss_lib.SplitLoss:
     return loss_lib.split_loss(self.eval_fn, state, self.loss_sources['validation'], self.vocab,
                                self.pipeline, batch_size=self.config.train.eval_batch_size, mesh=self.mesh)
+
+
+# What a resume carries over when the checkpoint's optimizer state has another structure.
+_CARRIED_FIELDS = ('step', 'params', 'batch_stats', 'rng')
+# The validation caption metrics an epoch records (every config.train.metrics_every_epochs epochs).
+CAPTION_METRICS = ('bleu', 'cider')
+_METRIC_KEYS = ('Bleu_1', 'Bleu_2', 'Bleu_3', 'Bleu_4', 'CIDEr')
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -116,6 +124,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     workdir_lib.save_vocab(workdir, vocab)
     workdir_lib.save_config(workdir, config)
     run.writer = progress.make_writer(workdir)
+    _complete_interrupted_epochs(run, state)
     return _train(run, state, train_iter)
 
 
@@ -249,19 +258,31 @@ def _resume(run: _Run, state: state_lib.TrainState, train_iter,
   or `state` for a new run. Unreadable newer checkpoints are reported and set aside; a checkpoint of
   another config or vocabulary is refused (ConfigMismatch) unless the changed fields are allowed."""
   if run.checkpointer.latest_step() is None:
+    set_aside = run.checkpointer.set_aside_steps()
+    if set_aside:
+      progress.say(f'Starting from step 0: {run.checkpointer.directory} holds no checkpoint; the '
+                   f'unreadable ones of an earlier attempt (steps {set_aside}) are kept in '
+                   f'{run.checkpointer.directory}_unreadable.')
     return state
   target = checkpointing.abstract_like(state, mesh_lib.replicated(run.mesh))
 
   def restore(step):
     info = run.checkpointer.run_info(step)
     changes = {}
+    where = f'checkpoint {step} in {run.checkpointer.directory}'
     if info is None:
       progress.say(f'Checkpoint {step} predates run fingerprints: its config and vocabulary are '
                    'not checked.')
     else:
-      changes = workdir_lib.check_resume(info['identity'], run.identity, allow_config_change,
-                                         where=f'checkpoint {step} in {run.checkpointer.directory}')
-    return run.checkpointer.restore(step, target, train_iter), info or {}, changes
+      changes = workdir_lib.check_resume(info['identity'], run.identity, allow_config_change, where=where)
+    differing = run.checkpointer.differing_fields(step, target)
+    if not differing:
+      return run.checkpointer.restore(step, target, train_iter), info or {}, changes
+    if differing != ['opt_state']:
+      raise errors.ConfigMismatch(
+          f'{where} holds {", ".join(differing)} of other shapes than this config builds (written by '
+          'another model or capjax version); it is left as it is: train in a new workdir.')
+    return _carry_over(run, state, target, step, train_iter, changes), info or {}, changes
 
   step, (state, info, changes) = run.checkpointer.restore_first_readable(
       run.checkpointer.candidates('latest'), restore, set_aside=True)
@@ -274,6 +295,20 @@ def _resume(run: _Run, state: state_lib.TrainState, train_iter,
   changed = f' with config changes {changes}' if changes else ''
   progress.say(f'Resumed from step {step} in {run.workdir}{changed}.')
   return state
+
+
+def _carry_over(run: _Run, state, target, step: int, train_iter, changes: dict) -> state_lib.TrainState:
+  """Checkpoint `step` into a state whose optimizer is built differently (an allowed change of
+  encoder_lr_factor or frozen_epochs, or another capjax version): params, batch_stats, step, rng and the
+  data position carry over; the optimizer's moments start from zero, its schedules go on from `step`."""
+  carried = run.checkpointer.restore_fields(step, {k: getattr(target, k) for k in _CARRIED_FIELDS},
+                                            train_iter)
+  why = (f'the config changes {sorted(changes)} build another optimizer' if changes else
+         "this capjax builds the optimizer differently from the checkpoint's")
+  run.optimizer_rebuilt = {'at_step': step, 'why': why}
+  progress.say(f"Checkpoint {step}: {why}; params, batch_stats, step and the data position carried over, "
+               "the optimizer's moments start from zero (its learning-rate schedule goes on).")
+  return state.replace(**carried, opt_state=state_lib.continue_schedules(state.opt_state, step))
 
 
 def _steps_per_epoch(config, pipeline: input_pipeline.PipelineConfig, num_train_images: int) -> int:
@@ -380,23 +415,65 @@ def _epoch_end(run: _Run, state, epoch: int, data_state) -> None:
   if run.config_changes:
     record['config_changes'] = run.config_changes
     run.config_changes = {}
+  if run.optimizer_rebuilt:
+    record['optimizer_rebuilt'] = run.optimizer_rebuilt
+    run.optimizer_rebuilt = None
   run.epoch_loss_sum, run.epoch_loss_steps, run.epoch_reward_sum = 0.0, 0, 0.0
   run.checkpointer.save(step, state, data_state, run.run_info())
   run.history.append(record)
   workdir_lib.save_history(run.workdir, run.history)
-  every = cfg.train.metrics_every_epochs
-  if every and (epoch % every == 0 or step >= run.total_steps):
-    try:
-      record.update(captioning.validation_metrics(
-          run.model, state.variables, run.vocab, run.splits['validation'], run.mesh, cfg,
-          metrics=('bleu', 'cider'), max_images=cfg.train.metrics_num_images))
-    except Exception as e:  # pylint: disable=broad-except  (metrics must not cost the epoch)
-      progress.say(f'Warning: epoch {epoch}: caption metrics failed and are left out '
-                   f'({type(e).__name__}: {e}); checkpoint {step} is saved.')
-      record['metrics_error'] = f'{type(e).__name__}: {e}'
-    workdir_lib.save_history(run.workdir, run.history)
+  if _metrics_due(run, record):
+    _add_caption_metrics(run, record, state.variables)
   run.checkpointer.record_metrics(step, record)
   progress.log_epoch(record, run.writer)
+
+
+def _metrics_due(run: _Run, record: dict) -> bool:
+  """Whether an epoch's record is to hold validation caption metrics (config.train.metrics_every_epochs,
+  and always the last epoch)."""
+  every = run.config.train.metrics_every_epochs
+  return bool(every) and (record['epoch'] % every == 0 or record['step'] >= run.total_steps)
+
+
+def _add_caption_metrics(run: _Run, record: dict, variables) -> None:
+  """Validation BLEU/CIDEr of the epoch's checkpoint into its record (history.json is rewritten); a
+  failure is a warning and a 'metrics_error' in the record, never a lost epoch."""
+  cfg = run.config
+  try:
+    record.update(captioning.validation_metrics(
+        run.model, variables, run.vocab, run.splits['validation'], run.mesh, cfg,
+        metrics=CAPTION_METRICS, max_images=cfg.train.metrics_num_images))
+  except Exception as e:  # pylint: disable=broad-except  (metrics must not cost the epoch)
+    progress.say(f"Warning: epoch {record['epoch']}: caption metrics failed and are left out "
+                 f"({type(e).__name__}: {e}); checkpoint {record['step']} is saved.")
+    record['metrics_error'] = f'{type(e).__name__}: {e}'
+  workdir_lib.save_history(run.workdir, run.history)
+
+
+def _complete_interrupted_epochs(run: _Run, state) -> None:
+  """A run killed between an epoch's checkpoint and the end of its metrics left that epoch without
+  caption metrics, or without its metrics recorded for choosing the best checkpoint. Both are made up
+  now, from the checkpoint itself, so that kill + rerun keeps the checkpoints and picks the best one
+  exactly as an unbroken run does."""
+  on_disk = set(run.checkpointer.all_steps())
+  for record in run.history:
+    step = record['step']
+    if step not in on_disk:
+      continue
+    missing = _metrics_due(run, record) and not any(k in record for k in (*_METRIC_KEYS, 'metrics_error'))
+    if missing:
+      progress.say(f"Epoch {record['epoch']} (checkpoint {step}) has no caption metrics: the run was "
+                   'stopped while computing them. Computing them now.')
+      variables = state.variables if step == int(state.step) else _checkpoint_variables(run, state, step)
+      _add_caption_metrics(run, record, variables)
+      progress.log_epoch(record, run.writer)
+    if missing or not run.checkpointer.has_metrics(step):
+      run.checkpointer.record_metrics(step, record)
+
+
+def _checkpoint_variables(run: _Run, state, step: int) -> dict:
+  target = checkpointing.abstract_like(state.variables, mesh_lib.replicated(run.mesh))
+  return run.checkpointer.restore_variables(step, target)
 
 
 def _train_loop(run: _Run, state, train_iter) -> tuple[state_lib.TrainState, dict[int, float]]:

@@ -126,6 +126,17 @@ OPERATIONAL_FIELDS = frozenset({
 # reads and the parameter shapes are made of. A new workdir is the way to change these.
 _CHANGEABLE_PREFIXES = ('train.', 'data.augment.', 'model.dtype', 'model.lstm_unroll')
 _FIXED_TRAIN_FIELDS = frozenset({'train.batch_size'})
+# Fields added to the config after runs were saved, each with the value that does what those older runs
+# did (the value the code assumes when a config lacks the field). A checkpoint's identity without the
+# field matches a config that holds this value.
+ABSENT_IN_OLDER_RUNS = {
+    'data.seq_per_img': 1, 'data.augment.on_device': False, 'data.store_size': 0,
+    'data.shapes_object_scale': 1.0, 'model.decoder': 'seed', 'model.word_loss_weight': 0.0,
+    'model.attention_dim': 256, 'model.attention_dropout': 0.5, 'model.attention_grid': 0,
+    'model.attention_regularizer': 1.0, 'train.init_from': '', 'train.objective': 'xent',
+    'train.scst_baseline': 'greedy', 'train.scst_reward_end': True, 'train.scst_samples': 5,
+    'train.scst_temperature': 1.0,
+}
 
 
 def _flatten(tree: dict, prefix: str = '') -> dict:
@@ -157,27 +168,43 @@ def check_vocabulary(saved: dict, current: dict, *, where: str) -> None:
 
 def check_resume(saved: dict, current: dict, allowed: Iterable[str], *, where: str) -> dict[str, list]:
   """{field: [saved, now]} for the config changes a resume makes, when every one is allowed; otherwise
-  ConfigMismatch naming each field. A different vocabulary is always refused."""
+  ConfigMismatch naming each field, with `--allow_config_change` suggested only for the fields it can
+  change. A field the checkpoint predates counts as unchanged when it holds the value older runs used
+  (ABSENT_IN_OLDER_RUNS). A different vocabulary is always refused."""
   check_vocabulary(saved, current, where=where)
   old, new = saved['config'], current['config']
-  changes = {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+  changes = {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new))
+             if old.get(k) != new.get(k) and not _added_since(k, old, new)}
   allowed = set(allowed)
   unknown = sorted(allowed - set(old) - set(new) - OPERATIONAL_FIELDS)
   if unknown:
     raise errors.ConfigMismatch(f'--allow_config_change names unknown config fields: {unknown}')
   listing = '\n'.join(f'  {k}: {a!r} -> {b!r}' for k, (a, b) in changes.items())
-  refused = sorted(set(changes) - allowed)
+  fixed = sorted(k for k in changes if not changeable(k))
+  refused = sorted(set(changes) - allowed - set(fixed))
+  if fixed:
+    also = (f' ({", ".join(refused)} could change with --allow_config_change={",".join(refused)})'
+            if refused else '')
+    raise errors.ConfigMismatch(
+        f'the config differs from the one {where} was trained with:\n{listing}\n{", ".join(fixed)} '
+        f'cannot change in a resumed run (the model, the data or the step structure would differ from '
+        f'the checkpoints): train in a new workdir{also}.')
   if refused:
     raise errors.ConfigMismatch(
         f'the config differs from the one {where} was trained with:\n{listing}\nTo resume with these '
         f'changes on purpose: --allow_config_change={",".join(refused)}; or train in a new workdir.')
-  fixed = sorted(k for k in changes
-                 if not k.startswith(_CHANGEABLE_PREFIXES) or k in _FIXED_TRAIN_FIELDS)
-  if fixed:
-    raise errors.ConfigMismatch(
-        f'{fixed} cannot change in a resumed run (the model, the data or the step structure would '
-        f'differ from the checkpoints):\n{listing}\nTrain in a new workdir instead.')
   return changes
+
+
+def changeable(field: str) -> bool:
+  """Whether a resumed run may change `field` (with --allow_config_change)."""
+  return field.startswith(_CHANGEABLE_PREFIXES) and field not in _FIXED_TRAIN_FIELDS
+
+
+def _added_since(field: str, old: dict, new: dict) -> bool:
+  """The checkpoint predates `field` and the config holds what runs before it did."""
+  return (field not in old and field in ABSENT_IN_OLDER_RUNS
+          and new.get(field) == ABSENT_IN_OLDER_RUNS[field])
 
 
 # ----------------------------------------------------------------------------------------------

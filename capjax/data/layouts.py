@@ -51,6 +51,7 @@ MALFORMED_LINE = 'malformed_line'
 NO_SPLIT = 'no_split'
 NO_CAPTIONS = 'no_captions'
 UNSAFE_PATH = 'unsafe_path'
+OUTSIDE_MANUAL_DIR = 'outside_manual_dir'
 
 KAGGLE_SPLIT_SEED = 8
 _VALIDATION_FRACTION = 1 / 8
@@ -263,8 +264,9 @@ class _FileIndex:
   """Answers "which of these folders holds this file?" with one listing per
   folder, which is much faster than a stat per image on big datasets."""
 
-  def __init__(self, roots: Sequence[pathlib.Path]):
+  def __init__(self, roots: Sequence[pathlib.Path], manual_dir: pathlib.Path):
     self.roots = roots
+    self.manual_dir = manual_dir.resolve()
     self._listings: dict[pathlib.Path, frozenset[str]] = {}
 
   def find(self, rel_name: str) -> tuple[pathlib.Path, str] | None:
@@ -322,6 +324,10 @@ def _resolve_images(
                   f'{index.describe()}')
       continue
     path, image_id = found
+    if not path.resolve().is_relative_to(index.manual_dir):  # a symbolic link out of the dataset
+      report.skip(OUTSIDE_MANUAL_DIR, name, f'{path} leads to {path.resolve()}, outside the dataset '
+                  f'folder {index.manual_dir}')
+      continue
     if image_id != name:
       report.notes.append(f'{name} (in {source}) read as {image_id}')
     resolved.setdefault(image_id, (path, []))[1].extend(captions)
@@ -371,7 +377,7 @@ def _find_token_file(root: pathlib.Path) -> pathlib.Path | None:
 
 
 def _image_index(root: pathlib.Path, folders: Iterable[str]) -> _FileIndex:
-  return _FileIndex([root / f if f != '.' else root for f in folders])
+  return _FileIndex([root / f if f != '.' else root for f in folders], root)
 
 
 def _read_flickr8k_original(root: pathlib.Path, dataset: str | None,

@@ -7,6 +7,7 @@ import os
 from capjax import inference
 from capjax import mesh as mesh_lib
 from capjax import progress
+from capjax import workdir as workdir_lib
 from capjax.data import prepare
 from capjax.data import records as records_lib
 from capjax.evaluation import analysis
@@ -33,17 +34,26 @@ def evaluate(model, variables, *, config, vocab, splits, split: str, mesh, decod
                           baseline=baseline)
 
 
+def open_splits(workdir: str, split: str):
+  """The prepared dataset a workdir's config.json names (never rebuilt), checked to have `split`."""
+  config = workdir_lib.load_config(workdir)
+  if not os.path.isabs(os.path.expanduser(config.data.data_dir)):
+    progress.say(f'Warning: {workdir}/config.json has a relative data_dir '
+                 f'({config.data.data_dir!r}), read from {os.getcwd()}.')
+  splits = prepare.open_dataset(config.data, build_demo=False)
+  if split not in splits:
+    raise ValueError(f'--split={split!r}: the dataset has {sorted(splits)}')
+  return splits
+
+
 def evaluate_checkpoint(workdir: str, *, split: str, checkpoint: str | int,
                         decode: captioning.DecodeSettings, splits=None) -> tuple[analysis.Evaluation, object]:
   """(`evaluate` of a workdir's checkpoint, restored onto the devices present now; the split's source).
-  The data is the prepared dataset the workdir's config names, unless `splits` is given."""
+  The data is the prepared dataset the workdir's config names (`open_splits`), unless `splits` is given."""
   mesh = mesh_lib.make_mesh()
   config, vocab, model, variables, step = inference.restore_variables(workdir, checkpoint, mesh)
   if splits is None:
-    if not os.path.isabs(os.path.expanduser(config.data.data_dir)):
-      progress.say(f'Warning: {workdir}/config.json has a relative data_dir '
-                   f'({config.data.data_dir!r}), read from {os.getcwd()}.')
-    splits = prepare.open_dataset(config.data, build_demo=False)
+    splits = open_splits(workdir, split)
   if split not in splits:
     raise ValueError(f'--split={split!r}: the dataset has {sorted(splits)}')
   progress.say(f'Captioning {len(splits[split])} {split} images with checkpoint {step} of {workdir} '

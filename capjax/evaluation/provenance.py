@@ -19,6 +19,7 @@ from capjax import checkpointing
 from capjax import fileio
 from capjax import workdir as workdir_lib
 from capjax.data import builder as builder_lib
+from capjax.data import records as records_lib
 from capjax.evaluation import captioning
 
 _VERSIONED_PACKAGES = ('jax', 'jaxlib', 'flax', 'pycocoevalcap', 'nltk')
@@ -119,6 +120,13 @@ def data_fingerprint(images, split_bytes: int | None = None) -> str:
   if split_bytes:  # the stored images too, by size: a re-encoded copy of the same captions differs
     digest.update(f'split_bytes={split_bytes}'.encode())
   return 'sha256:' + digest.hexdigest()[:16]
+
+
+def split_fingerprint(config, source, split: str) -> str:
+  """`data_fingerprint` of a whole split, read from its records (the images' bytes are not decoded)."""
+  images = [(records_lib.as_text(source[i]['image_id']), records_lib.record_captions(source[i]))
+            for i in range(len(source))]
+  return data_fingerprint(images, _dataset_facts(config, source, split)['split_bytes'])
 
 
 def _dataset_facts(config, source, split: str) -> dict:
