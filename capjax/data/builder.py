@@ -17,26 +17,39 @@ TensorFlow. A record read back is a dict with:
 (Measured with tensorflow-datasets 4.9.10; text is not decoded to ``str``.)
 
 Every build writes `SUMMARY_FILE` (images and captions per split, skipped items with reasons, repairs and
-conversions) next to the prepared data and logs the same summary.
+conversions) next to the prepared data and logs the same summary, and each split's captions to
+`records.CAPTIONS_FILE` (so that the vocabulary and evaluation never read the images).
+
+How a split of any size is written without TensorFlow, in bounded memory: see `CapjaxCaptions`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
 import os
-from collections.abc import Iterator
+import pickle
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import hashing as tfds_hashing
+from tensorflow_datasets.core import shuffle as tfds_shuffle
 
 from capjax import images
 from capjax.data import layouts
+from capjax.data import records as records_lib
 from capjax.data import shapes
 
 SUMMARY_FILE = 'capjax_build_summary.json'
 SHAPES = 'shapes'
+# Image bytes per array_record shard. A shard's examples are held in memory while it is written (tfds'
+# ShardWriter tees its example iterator), so this bounds prepare's memory whatever the split's size;
+# 128 MiB is inside tfds' own shard size range (64 MiB - 1 GiB, utils/shard_utils.py).
+SHARD_BYTES = 128 << 20
 
 _MANUAL_DOWNLOAD_INSTRUCTIONS = """\
 Download the dataset yourself and unpack it into the manual dir (by default
@@ -110,8 +123,31 @@ def shapes_config(num_train: int | None = None, num_validation: int | None = Non
   return dataclasses.replace(config, name=name, description=f'{_DEFAULT_SHAPES.description} {name}')
 
 
-class CapjaxCaptions(tfds.core.GeneratorBasedBuilder):
-  """Images with several captions each, stored as their original encoded files."""
+class CapjaxCaptions(tfds.core.ShardBasedBuilder):
+  """Images with several captions each, stored as their original encoded files.
+
+  Why a ShardBasedBuilder (tensorflow-datasets 4.9.10): a GeneratorBasedBuilder writes every split
+  through `shuffle.Shuffler`, which keeps all serialized examples in memory (`_add_to_mem_buffer`) and,
+  past `MAX_MEM_BUFFER_SIZE` (1 GB), spills them to bucket files through `tf.io.gfile` (`_Bucket.add`):
+  memory grows with the split and a split over 1 GB fails without TensorFlow, `disable_shuffling` or
+  not. `ShardBasedBuilder._download_and_prepare` (dataset_builder.py) instead hands each shard's
+  example generator to `SplitBuilder.submit_shard_based_generation` (split_builder.py), which writes
+  it with `writer.ShardWriter` (encode, serialize, `ArrayRecordFileAdapter.write_examples`) to the
+  same file names (`filename_template.sharded_filepath`), records the same `SplitInfo` (shard lengths,
+  bytes) and lets `download_and_prepare` write dataset_info.json as for any build: same files, same
+  readers, no shuffler. That writer tees each shard's examples (`ShardWriter.write`), so a shard is
+  held in memory once: shards are cut to `SHARD_BYTES` of images.
+
+  Record order stays what the shuffler gave (earlier builds, cached features and "the first N
+  validation images" keep meaning the same images): the shuffler yields examples sorted by
+  `hashing.Hasher(split).hash_key(key)` (`Shuffler.add`, `_iter_mem`, `_iter_buckets`; the salt is
+  the split name, `_build_from_generator`), so the examples are put in that order before sharding:
+  real datasets' records by their image ids (known before any image is read), the generated shapes
+  through local spill files by hash range (`_HashOrderSpill`). A build is thus the same record for
+  record as one from before (tests/test_scale_paths.py checks it against tfds' own shuffler), and the
+  version stays 1.1.0: data prepared earlier is still used (only its captions files are missing, see
+  `records.split_captions`).
+  """
 
   VERSION = tfds.core.Version('1.1.0')
   RELEASE_NOTES = {
@@ -152,32 +188,46 @@ class CapjaxCaptions(tfds.core.GeneratorBasedBuilder):
         }),
     )
 
-  def _split_generators(self, dl_manager):
+  def _shard_iterators_per_split(self, dl_manager) -> dict[str, list[Callable[[], Iterator]]]:
     config = self.builder_config
     if config.is_procedural:
-      return self._shapes_splits(config)
-    return self._manual_splits(dl_manager.manual_dir, config.dataset)
+      return self._shapes_shards(config)
+    return self._manual_shards(dl_manager.manual_dir, config.dataset)
 
-  def _shapes_splits(self, config: CapjaxCaptionsConfig) -> dict[str, Iterator]:
+  # ------------------------------------------------------------------------------- shapes ---
+
+  def _shapes_shards(self, config: CapjaxCaptionsConfig) -> dict[str, list[Callable[[], Iterator]]]:
     self._report = layouts.ReadReport(layout=SHAPES)
+    shards = {}
     for split, size in config.split_sizes().items():
       if size <= 0:
         raise ValueError(f'{config.name}: split {split!r} would be empty '
                          f'(num_{split}={size})')
-    return {split: self._generate_examples(split) for split in config.split_sizes()}
+      # A JPEG of the noisy picture stays below its raw RGB size: an upper bound of a shard's bytes.
+      num_shards = max(1, math.ceil(size * 3 * config.image_size**2 / SHARD_BYTES))
+      spill = _HashOrderSpill(split, num_shards, self._scratch_path)
+      shards[split] = [functools.partial(self._shapes_shard, split, spill, k) for k in range(num_shards)]
+    return shards
 
-  def _generate_examples(self, split: str, records: list[layouts.CaptionRecord] | None = None):
-    if self.builder_config.is_procedural:
-      return self._generate_shapes(split)
-    return self._generate_from_files(split, records)
+  def _scratch_path(self, name: str) -> str:
+    # data_path is the build's incomplete.* folder while tfds generates (renamed into place when done).
+    return os.fspath(self.data_path / name)
+
+  def _shapes_shard(self, split: str, spill: _HashOrderSpill, shard: int) -> Iterator:
+    if shard == 0:  # shards are written in order, one after the other (submit_shard_based_generation)
+      spill.fill(self._generate_shapes(split))
+    with self._captions_log(split) as log:
+      for key, example in spill.read(shard):
+        self._report.images[split] += 1
+        self._report.captions[split] += len(example['captions'])
+        log(key, example['captions'])
+        yield key, example
 
   def _generate_shapes(self, split: str) -> Iterator:
     config = self.builder_config
     for example in shapes.generate_records(split=split, num_images=config.split_sizes()[split],
                                            image_size=config.image_size, seed=config.seed,
                                            object_scale=config.object_scale):
-      self._report.images[split] += 1
-      self._report.captions[split] += len(example['captions'])
       yield example['image_id'], {
           'image': example['image'],
           'image_id': example['image_id'],
@@ -185,38 +235,51 @@ class CapjaxCaptions(tfds.core.GeneratorBasedBuilder):
           'objects': example['objects'],
       }
 
-  def _manual_splits(self, manual_dir, dataset: str) -> dict[str, Iterator]:
+  # ------------------------------------------------------------------ manually downloaded ---
+
+  def _manual_shards(self, manual_dir, dataset: str) -> dict[str, list[Callable[[], Iterator]]]:
     self._manual_dir = manual_dir
     records, self._report = layouts.read_records(manual_dir, self._layout, dataset=dataset)
-    grouped = layouts.records_by_split(records)
-    for split, split_records in grouped.items():
+    shards = {}
+    for split, split_records in layouts.records_by_split(records).items():
       if not split_records:
         raise ValueError(_empty_split_message(split, manual_dir, self._report))
-    return {split: self._generate_examples(split, split_records) for split, split_records in grouped.items()}
+      ordered = in_tfds_order(split, split_records, key=lambda r: r.image_id)
+      groups = size_bounded_groups(ordered, [_file_size(r.image_path) for r in ordered], SHARD_BYTES)
+      shards[split] = [functools.partial(self._examples_from_files, split, group) for group in groups]
+    return shards
 
-  def _generate_from_files(self, split: str, records: list[layouts.CaptionRecord]) -> Iterator:
-    written = 0
-    for record in records:
-      try:
-        image, conversion = images.read_image_file(record.image_path)
-      except images.BadImageError as e:
-        logging.warning('Skipping %s: %s', record.image_id, e.reason)
-        self._report.drop(record, layouts.BAD_IMAGE, e.reason)
-        continue
-      if conversion:
-        self._report.notes.append(f'{record.image_id}: {conversion}')
-      written += 1
-      yield record.image_id, {
-          'image': image,
-          'image_id': record.image_id,
-          'captions': list(record.captions),
-          'objects': '',
-      }
-    if not written:
-      raise ValueError(_empty_split_message(split, self._manual_dir, self._report))
+  def _examples_from_files(self, split: str, records: Sequence[layouts.CaptionRecord]) -> Iterator:
+    with self._captions_log(split) as log:
+      for record in records:
+        try:
+          image, conversion = images.read_image_file(record.image_path)
+        except images.BadImageError as e:
+          logging.warning('Skipping %s: %s', record.image_id, e.reason)
+          self._report.drop(record, layouts.BAD_IMAGE, e.reason)
+          continue
+        if conversion:
+          self._report.notes.append(f'{record.image_id}: {conversion}')
+        log(record.image_id, record.captions)
+        yield record.image_id, {
+            'image': image,
+            'image_id': record.image_id,
+            'captions': list(record.captions),
+            'objects': '',
+        }
 
-  def _download_and_prepare(self, dl_manager, download_config):
+  # --------------------------------------------------------------------------- the build ---
+
+  def _captions_log(self, split: str):
+    """A context giving log(image_id, captions), which appends a line to the split's captions file in
+    record order (shards are generated in order; a failed build's folder is discarded whole)."""
+    return _CaptionsLog(self._scratch_path(records_lib.CAPTIONS_FILE.format(split=split)))
+
+  def _download_and_prepare(self, dl_manager, download_config=None):
     super()._download_and_prepare(dl_manager, download_config)
+    for split, info in self.info.splits.items():
+      if not info.num_examples:  # every image of the split was unreadable: never write it empty
+        raise ValueError(_empty_split_message(split, self._manual_dir, self._report))
     self._log_and_save_summary()
 
   def _log_and_save_summary(self) -> None:
@@ -224,8 +287,98 @@ class CapjaxCaptions(tfds.core.GeneratorBasedBuilder):
       logging.warning('Skipped %s (%s): %s', item.name, item.reason, item.detail)
     logging.info('%s/%s build summary:\n%s', self.name, self.builder_config.name, self._report.summary())
     summary = dict(self._report.to_dict(), config=self.builder_config.name, version=str(self.version))
-    # self.data_path is the temporary folder tfds renames into place on success.
     (self.data_path / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+
+
+def in_tfds_order(split: str, items: Iterable, key: Callable) -> list:
+  """`items` in the order tfds' shuffler writes examples with these keys: ascending
+  `hashing.Hasher(split).hash_key(key)`. Raises ValueError for a repeated key, as tfds does."""
+  hasher = tfds_hashing.Hasher(split)
+  keyed = sorted(((hasher.hash_key(key(item)), i, item) for i, item in enumerate(items)),
+                 key=lambda t: t[:2])
+  for (hkey, _, item), (next_hkey, _, _) in zip(keyed, keyed[1:]):
+    if hkey == next_hkey:
+      raise ValueError(f'split {split!r} lists {key(item)!r} twice; image ids must be unique')
+  return [item for _, _, item in keyed]
+
+
+def size_bounded_groups(items: Sequence, sizes: Sequence[int], budget: int) -> list[list]:
+  """`items` cut, in order, into consecutive groups of at most `budget` total size (an item larger
+  than `budget` makes a group of its own)."""
+  groups, current, total = [], [], 0
+  for item, size in zip(items, sizes, strict=True):
+    if current and total + size > budget:
+      groups.append(current)
+      current, total = [], 0
+    current.append(item)
+    total += size
+  return groups + [current] if current else groups
+
+
+def _file_size(path: str) -> int:
+  try:
+    return os.path.getsize(path)
+  except OSError:
+    return 0  # reading it fails later and skips it as a bad image, with the reason
+
+
+class _CaptionsLog:
+  """Appends {"image_id", "captions"} JSON lines (the format `records.split_captions` reads)."""
+
+  def __init__(self, path: str):
+    self._path = path
+    self._file = None
+
+  def __enter__(self):
+    self._file = open(self._path, 'a', encoding='utf-8')
+    return self.write
+
+  def write(self, image_id: str, captions: Sequence[str]) -> None:
+    self._file.write(records_lib.captions_line(image_id, captions))
+
+  def __exit__(self, *exc_info):
+    self._file.close()
+
+
+class _HashOrderSpill:
+  """Examples that come in generation order, given back in tfds' order with one bucket in memory.
+
+  `fill` pickles each (key, example) into the local file of its bucket, the tfds hash range
+  `shuffle.get_bucket_number(hkey, num_buckets)` (monotonic in the hash, as the shuffler's own
+  buckets); `read(bucket)` loads one file, sorts it by hash and deletes it. So bucket after bucket is
+  the whole split in ascending hash order, the order `Shuffler` gives, using plain local files."""
+
+  def __init__(self, split: str, num_buckets: int, scratch_path: Callable[[str], str]):
+    self._split = split
+    self._hasher = tfds_hashing.Hasher(split)
+    self._paths = [scratch_path(f'spill-{split}-{k:05d}.pickle') for k in range(num_buckets)]
+
+  def fill(self, examples: Iterable[tuple[str, dict]]) -> None:
+    files = [open(path, 'wb') for path in self._paths]
+    try:
+      for key, example in examples:
+        hkey = self._hasher.hash_key(key)
+        bucket = tfds_shuffle.get_bucket_number(hkey, len(files))
+        pickle.dump((hkey, key, example), files[bucket], protocol=pickle.HIGHEST_PROTOCOL)
+    finally:
+      for f in files:
+        f.close()
+
+  def read(self, bucket: int) -> Iterator[tuple[str, dict]]:
+    entries = []
+    with open(self._paths[bucket], 'rb') as f:
+      while True:
+        try:
+          entries.append(pickle.load(f))
+        except EOFError:
+          break
+    os.remove(self._paths[bucket])
+    entries.sort(key=lambda entry: entry[0])
+    for (hkey, key, _), (next_hkey, _, _) in zip(entries, entries[1:]):
+      if hkey == next_hkey:
+        raise ValueError(f'split {self._split!r} generated {key!r} twice; image ids must be unique')
+    for _, key, example in entries:
+      yield key, example
 
 
 def _empty_split_message(split: str, manual_dir, report: layouts.ReadReport) -> str:

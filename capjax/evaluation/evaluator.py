@@ -29,6 +29,8 @@ def evaluate(model, variables, *, config, vocab, splits, split: str, mesh, decod
   facts = provenance_lib.collect(config, workdir=workdir, split=split, source=source, captioned=captioned,
                                  step=step, checkpoint_choice=checkpoint_choice, decode=decode,
                                  examples_seed=analysis.SECTION_SEED)
+  # The novelty statistic needs the training captions only: a prepared split's captions file gives them
+  # without reading one training image (records_lib.split_captions).
   return analysis.analyse(captioned, source=source, train_captions=records_lib.all_captions(splits['train']),
                           vocab=vocab, provenance=facts, stem=captioning.eval_stem(split, step, decode),
                           baseline=baseline)
