@@ -98,26 +98,29 @@ def find_images(pattern: str) -> list[str]:
   return paths
 
 
-def caption_images(workdir: str, images_pattern: str, *, output: str | None = None,
-                   beam_size: int = 3, checkpoint: str = 'best', length_penalty: float = 0.0,
-                   no_repeat_ngram: int = 0, temperature: float = 0.0, top_k: int = 0,
-                   attention_maps: str | None = None) -> list[dict]:
+def caption_images(workdir: str, images_pattern: str, *, export_dir: str | None = None,
+                   output: str | None = None, beam_size: int = 3, checkpoint: str = 'best',
+                   length_penalty: float = 0.0, no_repeat_ngram: int = 0, temperature: float = 0.0,
+                   top_k: int = 0, attention_maps: str | None = None) -> list[dict]:
   """Prints `filename<TAB>caption` per image; unreadable files get an error line, the rest still run.
-  Images are read a batch at a time, so memory does not grow with the number of files."""
+  Images are read a batch at a time, so memory does not grow with the number of files. With
+  `export_dir`, the model comes from that export directory (capjax/export.py), not from `workdir`."""
   if not images_pattern:
     raise errors.InputError('--images is required in caption mode (a file, directory or glob)')
   if output and not os.path.isdir(os.path.dirname(os.path.abspath(output))):
     raise errors.InputError(f'--output={output!r}: folder {os.path.dirname(os.path.abspath(output))} '
                             'does not exist')
   paths = find_images(images_pattern)
-  captioner = inference.ImageCaptioner.from_workdir(workdir, checkpoint=checkpoint, beam_size=beam_size,
-                                                    length_penalty=length_penalty,
-                                                    no_repeat_ngram=no_repeat_ngram,
-                                                    temperature=temperature, top_k=top_k)
+  decode = dict(beam_size=beam_size, length_penalty=length_penalty, no_repeat_ngram=no_repeat_ngram,
+                temperature=temperature, top_k=top_k)
+  if export_dir:
+    captioner = inference.ImageCaptioner.from_export(export_dir, **decode)
+  else:
+    captioner = inference.ImageCaptioner.from_workdir(workdir, checkpoint=checkpoint, **decode)
   if attention_maps:
     if not captioner.has_attention:
-      raise errors.InputError(f'--attention_maps: the model in {workdir} has no attention (its '
-                              "config.model.decoder is 'seed')")
+      raise errors.InputError(f'--attention_maps: the model in {export_dir or workdir} has no attention '
+                              "(its config.model.decoder is 'seed')")
     os.makedirs(attention_maps, exist_ok=True)
   rows, figure_names = [], set()
   for start in range(0, len(paths), captioner.batch_size):

@@ -1,8 +1,10 @@
-"""Jitted, batched captioning: restore a trained captioner from a workdir and caption images.
+"""Jitted, batched captioning: restore a trained captioner from a workdir (or an export directory, see
+capjax/export.py) and caption images.
 
 Notebook use:
     from capjax import inference
     captioner = inference.ImageCaptioner.from_workdir('workdirs/demo', beam_size=3)
+    captioner = inference.ImageCaptioner.from_export('exports/demo')  # no orbax; the export's decoding
     captioner.caption(['photo.jpg', pil_image, uint8_array])  # -> list[str]
     captioner.caption_with_attention(images)  # attention model -> list[AttendedCaption]
 """
@@ -17,6 +19,7 @@ import numpy as np
 
 from capjax import checkpointing
 from capjax import decoding
+from capjax import export as export_lib
 from capjax import images as images_lib
 from capjax import input_pipeline
 from capjax import mesh as mesh_lib
@@ -222,6 +225,26 @@ class ImageCaptioner:
     config, vocab, model, variables, step = restore_variables(workdir, checkpoint, mesh)
     return cls(model, variables, vocab, config.data.image_size, config.data.max_caption_len - 1, mesh,
                beam_size, length_penalty, batch_size, step, temperature, top_k, no_repeat_ngram)
+
+  @classmethod
+  def from_export(cls, export_dir: str, *, beam_size: int | None = None,
+                  length_penalty: float | None = None, no_repeat_ngram: int | None = None,
+                  batch_size: int = 32, temperature: float = 0.0, top_k: int = 0) -> 'ImageCaptioner':
+    """The Flax model rebuilt from an export directory's config.json and weights.safetensors (every file
+    checked against the manifest's sha256). Decode settings left None are the export's."""
+    mesh = mesh_lib.make_mesh()
+    loaded = export_lib.read(export_dir)
+    config, vocab = loaded.config, loaded.vocab
+    model = captioner.build_captioner(config.model, len(vocab))
+    export_lib.check_variables(loaded, captioner.abstract_variables(model, config.data.image_size,
+                                                                    config.data.max_caption_len))
+    variables = jax.device_put(loaded.variables, mesh_lib.replicated(mesh))
+    exported = loaded.manifest.get('decoding', {})
+    pick = lambda value, key, default: value if value is not None else exported.get(key, default)  # noqa: E731
+    return cls(model, variables, vocab, config.data.image_size, config.data.max_caption_len - 1, mesh,
+               pick(beam_size, 'beam_size', 1), pick(length_penalty, 'length_penalty', 0.0), batch_size,
+               int(loaded.manifest.get('source', {}).get('step', -1)), temperature, top_k,
+               pick(no_repeat_ngram, 'no_repeat_ngram', 0))
 
   @property
   def has_attention(self) -> bool:

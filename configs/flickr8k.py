@@ -1,7 +1,1 @@
-"""Flickr8k with the seed recipe (alias of default.py; kept so commands read naturally)."""
-
-from configs import default
-
-
-def get_config():
-  return default.get_config()
+from capjax.configs.flickr8k import get_config  # noqa: F401

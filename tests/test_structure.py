@@ -16,17 +16,24 @@ OPTIONAL = {'torch', 'safetensors'}
 # A name stands for the module and, for a package, every module in it.
 NEVER_IMPORTS = {
     'capjax.state': {'capjax.train', 'capjax.evaluation', 'capjax.inference', 'capjax.cli', 'capjax.serve'},
-    'capjax.inference': {'capjax.state', 'capjax.train', 'capjax.evaluation', 'capjax.cli', 'capjax.serve'},
+    # The export format sits beside inference (which reads it); the export mode that writes one from a
+    # workdir (its provenance comes from evaluation) sits with the modes.
+    'capjax.export': {'capjax.state', 'capjax.train', 'capjax.evaluation', 'capjax.inference', 'capjax.cli',
+                      'capjax.serve', 'capjax.export_mode'},
+    'capjax.export_mode': {'capjax.state', 'capjax.train', 'capjax.cli', 'capjax.serve'},
+    'capjax.inference': {'capjax.state', 'capjax.train', 'capjax.evaluation', 'capjax.cli', 'capjax.serve',
+                         'capjax.export_mode'},
     'capjax.evaluation': {'capjax.train', 'capjax.cli', 'capjax.serve'},
     'capjax.train': {'capjax.cli', 'capjax.serve'},
-    'capjax.serve': {'capjax.state', 'capjax.train', 'capjax.evaluation', 'capjax.cli'},
+    'capjax.serve': {'capjax.state', 'capjax.train', 'capjax.evaluation', 'capjax.cli', 'capjax.export_mode'},
     'capjax.scst': {'capjax.train', 'capjax.inference', 'capjax.cli', 'capjax.serve'},
 }
 # What the training loop needs of evaluation is the loss, captioning and metrics; the report, the
 # analysis that feeds it and the server are for after training (and cost imports, e.g. matplotlib pages).
 TRAINING_NEVER_REACHES = (
-    'capjax.cli', 'capjax.serve', 'capjax.evaluation.report', 'capjax.evaluation.markup',
-    'capjax.evaluation.analysis', 'capjax.evaluation.outputs', 'capjax.evaluation.modes',
+    'capjax.cli', 'capjax.serve', 'capjax.export_mode', 'capjax.evaluation.report',
+    'capjax.evaluation.markup', 'capjax.evaluation.analysis', 'capjax.evaluation.outputs',
+    'capjax.evaluation.modes',
     'capjax.evaluation.comparison', 'capjax.evaluation.evaluator', 'capjax.evaluation.caption_analysis')
 
 
@@ -134,7 +141,7 @@ def test_the_cycle_finder_finds_cycles():
 # One code dialect: 2-space indentation, lines of at most 110 characters, no unused imports.
 
 REPO = PACKAGE.parent
-SOURCES = ['capjax', 'tests', 'benchmarks', 'configs', 'launch.py']
+SOURCES = ['capjax', 'tests', 'benchmarks', 'configs', 'examples', 'launch.py']
 
 
 def _python_files():

@@ -27,6 +27,7 @@ import math
 import os
 
 import jax
+import ml_collections
 import numpy as np
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -37,6 +38,8 @@ from starlette.routing import Route
 import uvicorn
 
 from capjax import errors
+from capjax import export as export_lib
+from capjax import fileio
 from capjax import inference
 from capjax import progress
 from capjax import workdir as workdir_lib
@@ -65,9 +68,16 @@ def describe_model(workdir: str, captioner: inference.ImageCaptioner, beam_sizes
   """Where the served model comes from and what it is: workdir (its folder's name), step, dataset, the
   validation scores of the served step (history.json), the config that shapes it, and the decoding
   options offered. The workdir's name identifies the model; its absolute path would tell every client
-  the server's file system layout (user names, mounts), which the page does not need."""
-  config = workdir_lib.load_config(workdir)
-  epoch = next((h for h in workdir_lib.load_history(workdir) if h.get('step') == captioner.step), None)
+  the server's file system layout (user names, mounts), which the page does not need. `workdir` may be
+  an export directory (capjax/export.py): then its manifest gives the step's epoch and scores."""
+  if export_lib.is_export(workdir):
+    manifest = export_lib.read_manifest(workdir)
+    config = ml_collections.ConfigDict(fileio.read_json(os.path.join(workdir, export_lib.CONFIG)))
+    source = manifest.get('source', {})
+    epoch = dict(manifest.get('validation', {}), step=source.get('step'), epoch=source.get('epoch'))
+  else:
+    config = workdir_lib.load_config(workdir)
+    epoch = next((h for h in workdir_lib.load_history(workdir) if h.get('step') == captioner.step), None)
   validation = {}
   if epoch is not None:
     validation = {k: v for k, v in epoch.items()
@@ -99,11 +109,12 @@ def describe_model(workdir: str, captioner: inference.ImageCaptioner, beam_sizes
 
 
 def load_captioners(workdir: str, *, checkpoint: str | int = 'best', beam_size: int = 3,
-                    length_penalty: float = 0.0, no_repeat_ngram: int = 0,
-                    max_batch_size: int = 16) -> dict[int, inference.ImageCaptioner]:
-  """{beam size: captioner} for greedy and `beam_size`, sharing one restored set of weights. The
-  batch size is `max_batch_size` rounded down to a multiple of the device count (at least one image
-  per device), as the captioner would round it: then one batch is exactly one jitted call."""
+                    length_penalty: float = 0.0, no_repeat_ngram: int = 0, max_batch_size: int = 16,
+                    export_dir: str | None = None) -> dict[int, inference.ImageCaptioner]:
+  """{beam size: captioner} for greedy and `beam_size`, sharing one restored set of weights (from
+  `export_dir` when given, else `workdir`'s checkpoint). The batch size is `max_batch_size` rounded
+  down to a multiple of the device count (at least one image per device), as the captioner would round
+  it: then one batch is exactly one jitted call."""
   if beam_size < 1 or max_batch_size < 1:
     raise errors.InputError(f'--beam_size={beam_size} and --max_batch_size={max_batch_size} must be >= 1')
   devices = jax.local_device_count()
@@ -111,9 +122,12 @@ def load_captioners(workdir: str, *, checkpoint: str | int = 'best', beam_size: 
   if batch_size != max_batch_size:
     progress.say(f'--max_batch_size={max_batch_size} -> {batch_size}: a batch is split evenly over '
                  f'{devices} devices.')
-  served = inference.ImageCaptioner.from_workdir(
-      workdir, checkpoint=checkpoint, beam_size=beam_size, length_penalty=length_penalty,
-      no_repeat_ngram=no_repeat_ngram, batch_size=batch_size)
+  decode = dict(beam_size=beam_size, length_penalty=length_penalty, no_repeat_ngram=no_repeat_ngram,
+                batch_size=batch_size)
+  if export_dir:
+    served = inference.ImageCaptioner.from_export(export_dir, **decode)
+  else:
+    served = inference.ImageCaptioner.from_workdir(workdir, checkpoint=checkpoint, **decode)
   return {1: dataclasses.replace(served, beam_size=1), beam_size: served}
 
 
@@ -245,12 +259,13 @@ def _overall_status(results: list[dict]) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-def serve(workdir: str, *, host: str = '127.0.0.1', port: int = 8000, checkpoint: str | int = 'best',
-          beam_size: int = 3, length_penalty: float = 0.0, no_repeat_ngram: int = 0,
-          max_batch_size: int = 16, max_wait_ms: float = 10.0, max_upload_mb: float = 20,
-          max_image_pixels: int = 40_000_000, max_decode_mb: float = 256,
+def serve(workdir: str, *, export_dir: str | None = None, host: str = '127.0.0.1', port: int = 8000,
+          checkpoint: str | int = 'best', beam_size: int = 3, length_penalty: float = 0.0,
+          no_repeat_ngram: int = 0, max_batch_size: int = 16, max_wait_ms: float = 10.0,
+          max_upload_mb: float = 20, max_image_pixels: int = 40_000_000, max_decode_mb: float = 256,
           allowed_hosts: Iterable[str] = ()) -> None:
-  """Loads the captioner once and serves the page and the API until SIGTERM or Ctrl+C."""
+  """Loads the captioner once (from `export_dir` when given, else from `workdir`) and serves the page
+  and the API until SIGTERM or Ctrl+C."""
   if jax.process_count() > 1:
     raise errors.InputError('serve mode runs in one process; start it without --distributed')
   allowed_hosts = sorted(hosts_lib.allowed_names(allowed_hosts))  # a bad name fails before loading
@@ -262,7 +277,8 @@ def serve(workdir: str, *, host: str = '127.0.0.1', port: int = 8000, checkpoint
                  'is trusted.')
   captioners = load_captioners(workdir, checkpoint=checkpoint, beam_size=beam_size,
                                length_penalty=length_penalty, no_repeat_ngram=no_repeat_ngram,
-                               max_batch_size=max_batch_size)
+                               max_batch_size=max_batch_size, export_dir=export_dir)
+  workdir = export_dir or workdir  # what the page and /v1/model describe
   url = f'http://{f"[{host}]" if ":" in host else host}:{port}/'
   app = create_app(captioners, workdir, max_wait_ms=max_wait_ms, max_upload_mb=max_upload_mb,
                    max_image_pixels=max_image_pixels, max_decode_mb=max_decode_mb, host=host,
