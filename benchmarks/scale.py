@@ -10,6 +10,10 @@ a child process of its own, so that a stage's peak RSS is its own (over the chil
   input_epoch         one epoch of the training input pipeline at --image_size
   checkpoint          a train state saved by the Checkpointer, then restored as eval and caption restore it
   validation_metrics  greedy captions of (up to --metrics_images of) the validation split, BLEU and CIDEr
+                      (facts: captioning_s, and scoring_s: the tokenizer and the scorers)
+  validation_scoring  the non-captioning work of a COCO validation pass whatever N: BLEU and CIDEr of
+                      --scoring_images candidates against 5 references each, the texts taken from the
+                      training captions file (one tokenizer start, as every evaluation)
   feature_extraction  the 'cached' mode's trunk features of the training split (`features.load_or_extract`)
   eval_report         --mode=eval of that checkpoint on the test split (JSON, HTML, PNG)
   caption             --mode=caption over the val2014/ image files
@@ -55,20 +59,23 @@ from capjax import input_pipeline
 from capjax import mesh as mesh_lib
 from capjax import scst
 from capjax import state as state_lib
+from capjax import train
 from capjax import workdir as workdir_lib
 from capjax.data import prepare
+from capjax.data import records as records_lib
 from capjax.evaluation import captioning
+from capjax.evaluation import metrics as metrics_lib
 from capjax.evaluation import modes
 from capjax.models import captioner
 
 FLAGS = flags.FLAGS
 
-STAGES = ('prepare', 'vocabulary', 'input_epoch', 'checkpoint', 'validation_metrics', 'feature_extraction',
-          'eval_report', 'caption', 'scst_reward')
+STAGES = ('prepare', 'vocabulary', 'input_epoch', 'checkpoint', 'validation_metrics', 'validation_scoring',
+          'feature_extraction', 'eval_report', 'caption', 'scst_reward')
 # What a stage's work grows with, for the estimate at another size: every image, the held-out splits (4% each
 # of the images), the validation images up to --metrics_images, or nothing (the model's size).
 GROWS_WITH = {'checkpoint': 'nothing', 'validation_metrics': 'metrics_images', 'eval_report': 'held_out',
-              'caption': 'held_out'}
+              'caption': 'held_out', 'validation_scoring': 'nothing'}
 COCO_IMAGES = 123_287  # the Karpathy split of COCO 2014: 113,287 train, 5,000 val, 5,000 test
 HELD_OUT = 5_000 / COCO_IMAGES  # each of validation and test
 # Flags that describe the data: a change makes the dataset (and what was built from it) anew.
@@ -87,6 +94,7 @@ def define_flags() -> None:
   flags.DEFINE_string('config', 'configs/tiny.py', 'Config file of the model and the training settings.')
   flags.DEFINE_integer('image_size', 64, 'Image size of the pipeline and the model.')
   flags.DEFINE_integer('metrics_images', 1000, 'Validation images the metrics pass decodes (0: all).')
+  flags.DEFINE_integer('scoring_images', 5000, 'Candidates the validation_scoring stage scores (COCO val).')
   flags.DEFINE_integer('scst_batch', 64, 'Images per SCST reward call (B).')
   flags.DEFINE_integer('scst_samples', 5, 'Sampled captions per image (K).')
   flags.DEFINE_list('stages', list(STAGES), f'Stages to run, in this order: {",".join(STAGES)}.')
@@ -275,9 +283,40 @@ def stage_checkpoint(run: _Run) -> dict:
 
 def stage_validation_metrics(run: _Run) -> dict:
   config, vocab, model, variables = run.restored()
+  scoring = _timed(captioning.metrics_lib, 'compute_caption_metrics')
+  start = time.perf_counter()
   metrics = captioning.validation_metrics(model, variables, vocab, run.splits()['validation'], run.mesh,
                                           config, max_images=FLAGS.metrics_images or None)
-  return {k: round(float(v), 4) for k, v in metrics.items()}
+  total = time.perf_counter() - start
+  return {**{k: round(float(v), 4) for k, v in metrics.items()},
+          'captioning_s': round(total - scoring['seconds'], 2), 'scoring_s': round(scoring['seconds'], 2)}
+
+
+def stage_validation_scoring(run: _Run) -> dict:
+  references = records_lib.split_captions(run.splits()['train'])[:FLAGS.scoring_images + 1]
+  count = len(references) - 1
+  # Each image's candidate is another image's caption: realistic text, and scores that are not trivial.
+  candidates = {str(i): references[i + 1][0] for i in range(count)}
+  start = time.perf_counter()
+  metrics = metrics_lib.compute_caption_metrics(candidates, {str(i): references[i] for i in range(count)},
+                                                metrics=train.CAPTION_METRICS)
+  return {'images': count, 'scoring_s': round(time.perf_counter() - start, 2),
+          **{k: round(float(v), 4) for k, v in metrics.items()}}
+
+
+def _timed(module, name: str) -> dict:
+  """Wraps module.name to add up the seconds spent in it (this child process only); returns the tally."""
+  tally, function = {'seconds': 0.0}, getattr(module, name)
+
+  def timed(*args, **kwargs):
+    start = time.perf_counter()
+    try:
+      return function(*args, **kwargs)
+    finally:
+      tally['seconds'] += time.perf_counter() - start
+
+  setattr(module, name, timed)
+  return tally
 
 
 def stage_feature_extraction(run: _Run) -> dict:

@@ -225,10 +225,11 @@ def image_table(source, size: int) -> np.ndarray:
 
 
 class CaptionsOnly:
-  """A source's captions without its images (what device-resident training reads each step)."""
+  """A source's captions without its images (what device-resident training reads each step), from a
+  prepared split's captions file (`records.split_captions`): building it reads no image."""
 
   def __init__(self, source):
-    self._captions = [records_lib.record_captions(source[i]) for i in range(len(source))]
+    self._captions = records_lib.split_captions(source)
 
   def __len__(self):
     return len(self._captions)

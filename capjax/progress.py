@@ -26,16 +26,32 @@ def _format_seconds(seconds: float) -> str:
 
 class Progress:
   """Periodic progress line: loss, steps/s, images/s and ETA; throughput excludes the first
-  (compiling) interval so the numbers describe the steady state."""
+  (compiling) interval so the numbers describe the steady state. The ETA adds the epoch ends still to
+  come at the mean cost of those so far (validation, checkpoint, metrics: on a fast accelerator they,
+  not the steps, decide the wall clock)."""
 
-  def __init__(self, total_steps: int, start_step: int, global_batch_size: int):
-    self.total_steps, self.batch = total_steps, global_batch_size
+  def __init__(self, total_steps: int, start_step: int, global_batch_size: int,
+               steps_per_epoch: int | None = None):
+    self.total_steps, self.batch, self.steps_per_epoch = total_steps, global_batch_size, steps_per_epoch
     self._last_step, self._last_time = start_step, time.perf_counter()
     self._steady_rate = None
+    self._epoch_end_seconds, self._epoch_ends = 0.0, 0
 
-  def restart_clock(self, step: int) -> None:
-    """Excludes evaluation pauses from the training throughput."""
+  def restart_clock(self, step: int, epoch_end_seconds: float | None = None) -> None:
+    """Excludes evaluation pauses (`epoch_end_seconds` long, counted for the ETA) from the training
+    throughput."""
     self._last_step, self._last_time = step, time.perf_counter()
+    if epoch_end_seconds is not None:
+      self._epoch_end_seconds += epoch_end_seconds
+      self._epoch_ends += 1
+
+  def eta_seconds(self, step: int, rate: float) -> float:
+    """Steps left at `rate`, plus the epoch ends left at their mean cost so far."""
+    eta = (self.total_steps - step) / max(rate, 1e-9)
+    if self.steps_per_epoch and self._epoch_ends:
+      ends_left = -(-self.total_steps // self.steps_per_epoch) - step // self.steps_per_epoch
+      eta += ends_left * self._epoch_end_seconds / self._epoch_ends
+    return eta
 
   def update(self, step: int, fetched_metrics: list[dict], learning_rate, writer) -> None:
     now = time.perf_counter()
@@ -49,7 +65,7 @@ class Progress:
              if k != 'tokens'}
     # What else a step reports (an attention penalty, SCST's reward and baseline ...) joins the line.
     extras = ''.join(f'  {k} {v:.4f}' for k, v in means.items() if k not in ('loss', 'grad_norm'))
-    eta = (self.total_steps - step) / max(rate, 1e-9)
+    eta = self.eta_seconds(step, rate)
     note = ' (incl. compile)' if first_interval else ''
     say(f"step {step}/{self.total_steps}  loss {means['loss']:.4f}{extras}  |  {rate:.2f} steps/s  "
         f'{rate * self.batch:.1f} img/s{note}  |  ETA {_format_seconds(eta)}')
@@ -61,16 +77,25 @@ class Progress:
       writer.add_scalar('train/images_per_second', rate * self.batch, step)
 
 
-def log_epoch(record: dict, writer) -> None:
-  """The epoch's line, and its numbers in TensorBoard (notes such as config changes are in history.json)."""
+def log_epoch(record: dict, writer, overhead: dict[str, float] | None = None) -> None:
+  """The epoch's line, and its numbers in TensorBoard (notes such as config changes are in history.json).
+  `overhead`: the seconds each part of the epoch's end took, outside the train step (on the line and in
+  TensorBoard, not in the record: history.json stays the same whatever the machine's speed)."""
   numbers = {k: v for k, v in record.items()
              if isinstance(v, (int, float)) and k not in ('epoch', 'step')}
   by_word_class = record.get('val_loss_by_word', {})
   extras = '  '.join(f'{k} {v:.4f}' for k, v in numbers.items() if k not in ('train_loss', 'val_loss'))
   by_class = ', '.join(f'{k} {v:.3f}' for k, v in by_word_class.items())
+  outside = ''
+  if overhead:
+    parts = ', '.join(f'{part} {seconds:.1f}' for part, seconds in overhead.items())
+    outside = f'  |  epoch end {sum(overhead.values()):.1f} s ({parts})'
   say(f"epoch {record['epoch']} (step {record['step']}): train loss {record['train_loss']:.4f}  "
-      f"val loss {record['val_loss']:.4f}{f' ({by_class} words)' if by_class else ''}  {extras}".rstrip())
+      f"val loss {record['val_loss']:.4f}{f' ({by_class} words)' if by_class else ''}  {extras}".rstrip()
+      + outside)
   if writer is not None:
+    for part, seconds in (overhead or {}).items():
+      writer.add_scalar(f"epoch/seconds_{part.replace(' ', '_')}", seconds, record['step'])
     for key, value in numbers.items():
       writer.add_scalar(f'epoch/{key}', value, record['step'])
     for word_class, value in by_word_class.items():

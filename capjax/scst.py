@@ -192,9 +192,9 @@ class CaptionReward:
 
   @classmethod
   def from_source(cls, source, vocab: vocab_lib.Vocabulary, *, reward_end: bool = True) -> 'CaptionReward':
-    """From a record source's captions (image i of the source is reference set i)."""
-    return cls([records_lib.record_captions(source[i]) for i in range(len(source))], vocab,
-               reward_end=reward_end)
+    """From a record source's captions (image i of the source is reference set i), read from a prepared
+    split's captions file (`records.split_captions`), not from its records and their images."""
+    return cls(records_lib.split_captions(source), vocab, reward_end=reward_end)
 
   @property
   def num_images(self) -> int:

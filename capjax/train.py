@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping, Sequence
 import dataclasses
 import math
 import os
+import time
 from typing import Any
 
 import flax.linen as nn
@@ -398,12 +399,21 @@ def _draw_batches(iterator, count: int):
     yield batch, iterator.get_state()
 
 
-def _epoch_end(run: _Run, state, epoch: int, data_state) -> None:
+def _epoch_end(run: _Run, state, epoch: int, data_state) -> dict[str, float]:
   """Validation loss, then the checkpoint (the epoch is safe from here on), then caption metrics: a
-  failing metric costs a warning and a missing value, never the epoch."""
+  failing metric costs a warning and a missing value, never the epoch. Returns the seconds each part
+  took (time outside the train step, which decides an epoch's wall clock on a fast accelerator)."""
   cfg = run.config
   step = int(state.step)
+  seconds, clock = {}, time.perf_counter()
+
+  def lap(part: str) -> None:
+    nonlocal clock
+    now = time.perf_counter()
+    seconds[part], clock = now - clock, now
+
   val_loss = run.val_loss(state)
+  lap('val loss')
   record = {'epoch': epoch, 'step': step,
             'train_loss': run.epoch_loss_sum / max(run.epoch_loss_steps, 1) if run.epoch_loss_steps
             else float('nan'), 'val_loss': val_loss.mean}
@@ -422,10 +432,13 @@ def _epoch_end(run: _Run, state, epoch: int, data_state) -> None:
   run.checkpointer.save(step, state, data_state, run.run_info())
   run.history.append(record)
   workdir_lib.save_history(run.workdir, run.history)
+  lap('checkpoint')
   if _metrics_due(run, record):
     _add_caption_metrics(run, record, state.variables)
+    lap('caption metrics')
   run.checkpointer.record_metrics(step, record)
-  progress.log_epoch(record, run.writer)
+  progress.log_epoch(record, run.writer, overhead=seconds)
+  return seconds
 
 
 def _metrics_due(run: _Run, record: dict) -> bool:
@@ -484,7 +497,7 @@ def _train_loop(run: _Run, state, train_iter) -> tuple[state_lib.TrainState, dic
   anything non-finite is saved."""
   cfg = run.config
   start_step = int(state.step)
-  progress_line = progress.Progress(run.total_steps, start_step, cfg.train.batch_size)
+  progress_line = progress.Progress(run.total_steps, start_step, cfg.train.batch_size, run.steps_per_epoch)
   pending, step_losses = [], {}
 
   def fetch(step):  # the host never waits on each step: metrics are fetched in groups
@@ -512,8 +525,8 @@ def _train_loop(run: _Run, state, train_iter) -> tuple[state_lib.TrainState, dic
       progress_line.update(step + 1, fetch(step + 1), run.schedule(step), run.writer)
     if (step + 1) % run.steps_per_epoch == 0 or step + 1 == run.total_steps:
       fetch(step + 1)
-      _epoch_end(run, state, -(-(step + 1) // run.steps_per_epoch), data_state)
-      progress_line.restart_clock(step + 1)
+      overhead = _epoch_end(run, state, -(-(step + 1) // run.steps_per_epoch), data_state)
+      progress_line.restart_clock(step + 1, epoch_end_seconds=sum(overhead.values()))
     elif cfg.train.checkpoint_every_steps and (step + 1) % cfg.train.checkpoint_every_steps == 0:
       fetch(step + 1)
       run.checkpointer.save(step + 1, state, data_state, run.run_info())

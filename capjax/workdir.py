@@ -75,7 +75,7 @@ def load_or_build_vocab(workdir: str, data_config, train_source) -> vocab_lib.Vo
       raise ValueError(f'{path} was built with min_count={vocab.min_count} but '
                        f'config.data.min_word_count={data_config.min_word_count}; use a new workdir')
     return vocab
-  captions = [c for i in range(len(train_source)) for c in records_lib.record_captions(train_source[i])]
+  captions = records_lib.all_captions(train_source)  # the split's captions file: no image is read
   vocab = vocab_lib.build_vocabulary(captions, data_config.min_word_count)
   truncated = vocab_lib.count_truncated(captions, data_config.max_caption_len)
   logging.info('Vocabulary: %d words (min count %d) from %d training captions; %d captions longer '

@@ -2,7 +2,11 @@
 timer must give every variant the same treatment. (Speeds themselves are never tested.)"""
 
 import importlib
+import json
+import os
 import pkgutil
+import subprocess
+import sys
 
 from absl import flags
 import flax.linen as nn
@@ -136,3 +140,22 @@ def test_every_benchmark_imports_into_one_process_without_defining_flags():
     importlib.import_module(name)
   defined = [module for module in flags.FLAGS.flags_by_module_dict() if module.startswith('benchmarks')]
   assert not defined, defined
+
+
+def test_scale_benchmark_runs_its_stages_on_a_small_coco_and_times_the_scoring(tmp_path):
+  """benchmarks/scale.py end to end on 60 images (the data stages and the 5,000-image scoring stage,
+  scaled down): each stage in its own process, a row each, the scoring's seconds reported apart."""
+  output = tmp_path / 'scale.json'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'benchmarks.scale', '--num_images=60', '--jpeg_kb=6', '--vocab_words=300',
+       '--stages=prepare,vocabulary,validation_scoring', '--scoring_images=40', f'--root={tmp_path}',
+       f'--output={output}'],
+      cwd=harness.REPO_ROOT, capture_output=True, text=True, timeout=600,
+      env=dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1'))
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+  rows = {row['stage']: row for row in json.loads(output.read_text())['rows']}
+  assert list(rows) == ['prepare', 'vocabulary', 'validation_scoring']
+  assert sum(rows['prepare']['facts']['images'].values()) == 60
+  scoring = rows['validation_scoring']['facts']
+  assert scoring['images'] == 40 and scoring['scoring_s'] > 0 and 0 <= scoring['CIDEr'] < 1
+  assert all(row['peak_rss_mib'] > 0 for row in rows.values())

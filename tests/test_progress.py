@@ -35,3 +35,24 @@ def test_demo_run_plots_its_validation_loss_by_word_class():
   assert _lines(loss_ax) == ['train', 'validation']
   assert _lines(words_ax) == ['colour words', 'shape words', 'other words']
   assert list(words_ax.get_lines()[1].get_ydata()) == [1.1, 1.1, 1.1]
+
+
+def test_the_epoch_line_says_what_its_end_cost_outside_the_train_step(capsys):
+  record = {'epoch': 2, 'step': 20, 'train_loss': 1.5, 'val_loss': 1.25, 'CIDEr': 0.5}
+  progress.log_epoch(record, None, overhead={'val loss': 1.04, 'checkpoint': 0.5, 'caption metrics': 7.0})
+  assert capsys.readouterr().out.strip() == (
+      'epoch 2 (step 20): train loss 1.5000  val loss 1.2500  CIDEr 0.5000  |  epoch end 8.5 s '
+      '(val loss 1.0, checkpoint 0.5, caption metrics 7.0)')
+  progress.log_epoch(record, None)  # a made-up epoch (metrics after a kill): no timing
+  assert '|' not in capsys.readouterr().out
+
+
+def test_the_eta_counts_the_epoch_ends_still_to_come():
+  line = progress.Progress(total_steps=100, start_step=0, global_batch_size=8, steps_per_epoch=10)
+  assert line.eta_seconds(10, rate=10.0) == 9.0  # no epoch end seen yet: steps only
+  line.restart_clock(10, epoch_end_seconds=5.0)
+  line.restart_clock(20, epoch_end_seconds=7.0)
+  # 80 steps at 10/s, and 8 epoch ends (epochs 3..10) at their mean of 6 s.
+  assert line.eta_seconds(20, rate=10.0) == 8.0 + 8 * 6.0
+  assert line.eta_seconds(25, rate=10.0) == 7.5 + 8 * 6.0  # mid-epoch 3: its end is still to come
+  assert progress.Progress(100, 0, 8).eta_seconds(20, rate=10.0) == 8.0

@@ -9,6 +9,7 @@ for each test that changes it, as in test_reliability.py.
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -149,7 +150,11 @@ def test_a_kill_during_caption_metrics_changes_nothing(tmp_path, monkeypatch, ca
   assert 'CIDEr' not in _history(tmp_path / 'killed')[1]
   monkeypatch.setattr(captioning, 'validation_metrics', real)
   train.train_and_evaluate(config, str(tmp_path / 'killed'), splits)
-  assert 'Epoch 2 (checkpoint 10) has no caption metrics' in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert 'Epoch 2 (checkpoint 10) has no caption metrics' in out
+  # Each epoch's line says what its end cost outside the train step (issue 29).
+  assert re.search(r'epoch 3 \(step 15\): .*  \|  epoch end [\d.]+ s \(val loss [\d.]+, '
+                   r'checkpoint [\d.]+, caption metrics [\d.]+\)', out), out
   unbroken, killed = _history(tmp_path / 'unbroken'), _history(tmp_path / 'killed')
   assert [sorted(h) for h in killed] == [sorted(h) for h in unbroken]
   for a, b in zip(unbroken, killed):

@@ -22,6 +22,9 @@ from tensorflow_datasets.core import shuffle as tfds_shuffle
 from capjax import features as features_lib
 from capjax import input_pipeline
 from capjax import mesh as mesh_lib
+from capjax import scst
+from capjax import vocab as vocab_lib
+from capjax import workdir as workdir_lib
 from capjax.data import builder as builder_lib
 from capjax.data import layouts
 from capjax.data import prepare
@@ -204,6 +207,22 @@ def test_evaluation_never_reads_a_training_image(prepared_shapes, monkeypatch):
   evaluator.evaluate(None, None, config=tiny.get_config(), vocab=None, splits=splits, split='test', mesh=None,
                      decode=captioning.DecodeSettings(), workdir='unused', step=0, checkpoint_choice='latest')
   assert seen['train_captions'] == expected
+
+
+def test_vocabulary_scst_reward_and_caption_table_never_read_a_training_image(prepared_shapes, tmp_path):
+  """What needs only the training captions (the vocabulary, SCST's reference statistics, device-resident
+  training's caption table) reads the split's captions file: at COCO size the records are 19 GB."""
+  train = prepared_shapes['train']
+  expected = [records_lib.record_captions(r) for r in train]
+  unreadable = _NoRecordReads(train)
+  config = tiny.get_config()
+  vocab = workdir_lib.load_or_build_vocab(str(tmp_path), config.data, unreadable)
+  assert vocab.words == vocab_lib.build_vocabulary([c for cs in expected for c in cs],
+                                                  config.data.min_word_count).words
+  reward = scst.CaptionReward.from_source(unreadable, vocab)
+  assert reward.num_images == len(expected)
+  table = input_pipeline.CaptionsOnly(unreadable)
+  assert [table[i]['captions'] for i in range(len(table))] == expected
 
 
 def test_older_prepared_data_gets_its_captions_file_once(prepared_shapes, capsys):
