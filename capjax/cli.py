@@ -71,7 +71,9 @@ def final_report(result: train_lib.TrainResult, config, workdir: str, splits) ->
                  f'{content.colours_right:.1%}  shapes {content.shapes_right:.1%}  positions '
                  f'right {content.positions_right:.1%}, wrong {content.positions_wrong:.1%}'
                  + (f'  pointing {pointing.rate:.1%} (random cell {pointing.chance:.1%})'
-                    if pointing is not None and pointing.rate is not None else ''))
+                    if pointing is not None and pointing.rate is not None else '')
+                 + (f', two objects apart {pointing.separated:.1%}'
+                    if pointing is not None and pointing.separated is not None else ''))
   if evaluated.collapse.warning:
     lines.append('WARNING: ' + evaluated.collapse.warning)
   lines.append('Provenance: ' + evaluated.provenance.line())

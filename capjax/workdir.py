@@ -133,9 +133,10 @@ ABSENT_IN_OLDER_RUNS = {
     'data.seq_per_img': 1, 'data.augment.on_device': False, 'data.store_size': 0,
     'data.shapes_object_scale': 1.0, 'model.decoder': 'seed', 'model.word_loss_weight': 0.0,
     'model.attention_dim': 256, 'model.attention_dropout': 0.5, 'model.attention_grid': 0,
-    'model.attention_regularizer': 1.0, 'train.init_from': '', 'train.objective': 'xent',
-    'train.scst_baseline': 'greedy', 'train.scst_reward_end': True, 'train.scst_samples': 5,
-    'train.scst_temperature': 1.0,
+    'model.attention_regularizer': 1.0, 'model.attention_cell_positions': False,
+    'model.attention_query_word': False, 'model.word_loss_pooling': 'mean', 'train.init_from': '',
+    'train.objective': 'xent', 'train.scst_baseline': 'greedy', 'train.scst_reward_end': True,
+    'train.scst_samples': 5, 'train.scst_temperature': 1.0,
 }
 
 

@@ -31,7 +31,7 @@ from capjax.data import records as records_lib  # noqa: E402
 def parse_args():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--workdir', default='workdirs/demo_attention')
-  parser.add_argument('--index', type=int, default=0, help='which held-out test image')
+  parser.add_argument('--index', type=int, default=88, help='which held-out test image (88: two objects)')
   parser.add_argument('--beam_size', type=int, default=1)
   parser.add_argument('--output', default=str(REPO / 'docs' / 'images' / 'attention_maps.png'))
   return parser.parse_args()

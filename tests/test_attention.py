@@ -278,3 +278,40 @@ def test_jitted_greedy_and_beam_search():
   # The beam's score of its best caption == that caption re-scored by teacher-forced stepping.
   np.testing.assert_allclose(beams.log_probs[:, 0], best_log_prob, rtol=1e-5, atol=1e-5)
   assert best.shape == (3, 8)
+
+
+def test_cell_positions_are_the_cell_centres_row_by_row_and_join_the_annotations():
+  np.testing.assert_allclose(attention.cell_positions(4),
+                             [[-0.5, -0.5], [0.5, -0.5], [-0.5, 0.5], [0.5, 0.5]])
+  assert np.asarray(attention.cell_positions(16))[6].tolist() == [0.25, -0.25]  # row 1, column 2
+  with np.testing.assert_raises_regex(ValueError, 'not a square grid'):
+    attention.cell_positions(6)
+  model, variables, annotations, tokens = _setup(cell_positions=True)
+  prepared = _apply(model, 'prepare', variables, annotations)
+  assert prepared.annotations.shape == (*annotations.shape[:2], FEATURES + 2)
+  np.testing.assert_allclose(prepared.annotations[..., :FEATURES], annotations)
+  np.testing.assert_allclose(prepared.annotations[1, :, FEATURES:], attention.cell_positions(GRID))
+  # Teacher forcing still equals stepping with the positions in.
+  logits, alphas = _apply(model, None, variables, annotations, tokens[:, :-1])
+  step_logits, step_alphas = _step_through(model, variables, annotations, tokens[:, :-1])
+  np.testing.assert_allclose(logits, step_logits, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(alphas, step_alphas, rtol=1e-5, atol=1e-5)
+
+
+def test_a_query_that_reads_the_word_steps_like_teacher_forcing_and_starts_where_the_paper_does():
+  """attention_query_word: teacher forcing equals stepping; with W_e at zero it is the paper's decoder."""
+  model, variables, annotations, tokens = _setup(attention_query_word=True)
+  assert variables['params']['word_query']['kernel'].shape == (EMBED, ATTENTION)
+  logits, alphas = _apply(model, None, variables, annotations, tokens[:, :-1])
+  step_logits, step_alphas = _step_through(model, variables, annotations, tokens[:, :-1])
+  np.testing.assert_allclose(logits, step_logits, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(alphas, step_alphas, rtol=1e-5, atol=1e-5)
+  plain = _model()
+  plain_params = {k: v for k, v in variables['params'].items() if k != 'word_query'}
+  zeroed = {**variables['params'], 'word_query': {'kernel': jnp.zeros((EMBED, ATTENTION))}}
+  np.testing.assert_allclose(_apply(model, None, {'params': zeroed}, annotations, tokens[:, :-1])[1],
+                             _apply(plain, None, {'params': plain_params}, annotations, tokens[:, :-1])[1],
+                             rtol=1e-6, atol=1e-6)
+  # The word read moves the attention: the same state, two different words, two different maps.
+  other_word = tokens[:, :-1].at[:, 1].set((tokens[:, 1] + 1) % VOCAB)
+  assert not np.allclose(alphas[:, 1], _apply(model, None, variables, annotations, other_word)[1][:, 1])

@@ -222,3 +222,28 @@ def test_cached_attention_features_are_a_float16_grid_and_train_like_the_frozen_
   assert features.dtype == np.float16 and features.shape[:2] == (16, 4)
   # float16 annotations against float32 ones: equal to the rounding of the cache.
   np.testing.assert_allclose(losses['cached'], losses['frozen'], rtol=2e-3)
+
+
+def test_the_word_loss_read_cell_by_cell_takes_each_words_highest_cell():
+  """word_loss_pooling='cells': a word's logit is its highest over the grid's cells (multiple-instance
+  learning), checked against the head applied by hand; 'mean' reads the mean annotation."""
+  images, tokens = _images(3), _tokens(3, 7)
+  for pooling in ('cells', 'mean'):
+    config = _config(word_loss_weight=2.0, word_loss_pooling=pooling, attention_regularizer=0.0)
+    model, variables = _model_and_variables(config)
+    _, sown = model.apply(variables, images, tokens, train=True, mutable=['losses', 'batch_stats'],
+                          rngs={'dropout': jax.random.PRNGKey(1)})
+    annotations, _ = model.apply(variables, images, train=True, method=model.encode,
+                                 mutable=['batch_stats'])  # batch statistics, as in training
+    head = variables['params']['word_head']
+    cell_logits = np.einsum('ngc,cv->ngv', np.asarray(annotations), np.asarray(head['kernel'])) + head['bias']
+    logits = cell_logits.max(axis=1) if pooling == 'cells' else (
+        np.asarray(annotations).mean(axis=1) @ np.asarray(head['kernel']) + head['bias'])
+    expected = 2.0 * captioner.word_presence_loss(jnp.asarray(logits), tokens)
+    np.testing.assert_allclose(sown['losses']['words'][0], expected, rtol=1e-4)
+  config = _config(word_loss_pooling='max')
+  with pytest.raises(ValueError, match='config.model.word_loss_pooling'):
+    captioner.build_captioner(config.model, VOCAB)
+  config = _config(word_loss_pooling='cells', decoder='seed')
+  with pytest.raises(ValueError, match="need config.model.decoder='attention'"):
+    captioner.build_captioner(config.model, VOCAB)

@@ -120,3 +120,25 @@ def test_objects_scale_draws_bigger_objects_under_their_own_dataset_name():
   assert width(scaled[0]) == pytest.approx(1.5 * width(small[0]), abs=0.02)
   assert builder.shapes_config(object_scale=1.5).name == 'shapes_1500_200_200_96px_objects1.5x'
   assert builder.shapes_config(object_scale=1.0).name == 'shapes'
+
+
+def test_two_objects_are_separated_when_each_shape_word_peaks_on_its_own_object():
+  left = {'colour': 'red', 'shape': 'circle', 'size': 'big', 'position': 'left', 'box': [0, 0, .5, 1]}
+  right = {'colour': 'blue', 'shape': 'square', 'size': 'big', 'position': 'right', 'box': [.5, 0, 1, 1]}
+  words = 'a red circle on the left and a blue square on the right'.split()
+
+  def maps(circle_cell: int, square_cell: int) -> np.ndarray:
+    alphas = np.full((len(words), 4), 0.25, np.float32)  # a 2 x 2 grid, row-major
+    for index, cell in ((words.index('circle'), circle_cell), (words.index('square'), square_cell)):
+      alphas[index] = 0.0
+      alphas[index, cell] = 1.0
+    return alphas
+
+  assert content_score.separated(words, maps(0, 1), (2, 2), [left, right]) is True
+  assert content_score.separated(words, maps(1, 0), (2, 2), [left, right]) is False  # each on the other
+  assert content_score.separated(words, maps(0, 0), (2, 2), [left, right]) is False  # one cell for both
+  assert content_score.separated(words, maps(0, 1), (2, 2), [left]) is None  # one object
+  assert content_score.separated(words[:6], maps(0, 1)[:6], (2, 2), [left, right]) is None  # names one
+  result = content_score.pointing_score([words, words], [maps(0, 1).reshape(-1, 2, 2),
+                                                         maps(1, 0).reshape(-1, 2, 2)], [[left, right]] * 2)
+  assert (result.separated, result.two_object_captions) == (0.5, 2)

@@ -68,11 +68,20 @@ def get_config() -> ml_collections.ConfigDict:
   model.attention_grid = 0  # cells per side the trunk map is resized to; 0: as is (7 at 224 px)
   model.attention_dropout = 0.5  # before the readout, as the paper
   model.attention_regularizer = 1.0  # lambda of the doubly stochastic penalty (the paper's code: 1)
+  # Each annotation also carries its cell's centre (x, y): what the decoder attends to then says where it
+  # is, so a caption's "on the left" can come from where it looked (configs/demo_attention.py).
+  model.attention_cell_positions = False
+  # The attention's query also reads the word just fed: after "a red" it can look for what is red before
+  # naming its shape (Show, Attend and Tell's query is the state from before that word was read).
+  model.attention_query_word = False
   model.dtype = 'float32'  # 'bfloat16': bf16 compute, float32 params
   # Weight of the auxiliary word-presence loss: a head on the image vector (attention: the mean annotation)
   # predicts which words the image's captions use (capjax/models/captioner.py). 0: caption loss alone.
   # Cross-entropy training only: SCST follows its policy gradient alone and leaves the head as it is.
   model.word_loss_weight = 0.0
+  # 'mean': the head reads the pooled vector (attention: the mean annotation). 'cells' (attention only):
+  # it reads every cell and a word's logit is its highest cell's, so single cells must show the words.
+  model.word_loss_pooling = 'mean'
   # train: fine-tune everything | frozen: trunk fixed, BN in inference mode, only projection+decoder
   # learn | cached: like frozen, but pooled trunk features are extracted once into the workdir and the
   # decoder trains on them (fastest; no image augmentation in this mode).

@@ -5,9 +5,32 @@ the best-known PyTorch implementations do (AdaptiveAvgPool2d((14, 14))), soft at
   python launch.py --mode=caption --workdir=/tmp/capjax_flickr8k_attention --images='photos/*.jpg' \
       --attention_maps=/tmp/maps
 
-With a frozen ImageNet trunk (--config.model.encoder_mode=cached --config.model.encoder_init=...pth), the
-cached grid is float16: 8,000 images x 14 x 14 x 2048 x 2 bytes = 6.4 GB (1.6 GB with attention_grid=0,
-the native 7x7).
+The grid: 14x14 = 196 annotation vectors of 2048 (the paper's VGG grid was 14x14x512). Memory: the
+annotations and their projection are per image, not per caption (captions attend to their image's grid
+without copies), 196 x (2048 + 256) floats = 1.8 MB an image in float32; with a frozen ImageNet trunk
+(--config.model.encoder_mode=cached --config.model.encoder_init=...pth) the cached grid is float16 on
+disk, memory-mapped: 8,000 images x 14 x 14 x 2048 x 2 bytes = 6.4 GB (1.6 GB with attention_grid=0, the
+native 7x7).
+
+The paper's settings it follows: soft deterministic attention with the gating scalar beta, the LSTM
+input [embedding; context], initial state from the mean annotation (a tanh Dense layer each for c and
+h), dropout 0.5 before the readout, the doubly stochastic penalty with lambda=1, and the seed's training
+recipe otherwise (configs/default.py: 256-d embedding and LSTM, AdamW with warmup + cosine, batch 64).
+
+What the demo's measurements (configs/demo_attention.py, README "Decoders: seed or attention") suggest
+for this recipe, unmeasured on photographs:
+  - attention_cell_positions (each cell's centre joins its annotation) costs 2 inputs per cell and lets
+    captions say where things are from where the decoder looked; it did not help on the demo by itself,
+    so it stays off here (the paper has no such input).
+  - word_loss_pooling='cells' made the demo's cells show their words (pointing 51.7% -> 83.2%) when
+    the trunk learns from scratch. With an ImageNet trunk the cells are local already, and the word loss
+    weight is untuned for a 5.5k-word vocabulary (config.model.word_loss_weight is 0 here): the first
+    thing to try if the maps do not follow the words.
+  - attention_query_word (the query also reads the word just fed) was the one lever that moved the
+    demo's two-object scenes (right objects 35.7% -> 42.9% at 248 steps); it is not the paper's and is
+    off here until measured on photographs.
+  - lambda=0 and no dropout were better on the demo's 16 cells and 248 steps; with 196 cells and
+    30 epochs the paper's lambda=1 and dropout 0.5 are kept.
 """
 
 from capjax.configs import default

@@ -205,6 +205,9 @@ def content_table(content: content_score.ContentScore) -> dict:
     table['attention pointing (colour and shape words whose peak attention cell overlaps their object)'] = (
         'no word to check' if p.rate is None else
         f'{p.rate:.1%} of {p.words_checked} words (a random cell: {p.chance:.1%})')
+    table["two-object scenes: the two objects' shape words peak in different cells, each on its object"] = (
+        'no caption names both objects' if p.separated is None else
+        f'{p.separated:.1%} of {p.two_object_captions} captions')
   overall = content_score.Rates(**{f.name: getattr(content, f.name)
                                    for f in dataclasses.fields(content_score.Rates)})
   table['all images'] = row(overall)

@@ -71,8 +71,8 @@ def score_caption(caption: str, objects: Sequence[dict]) -> dict[str, bool]:
   """Per-image verdicts: objects/colours/shapes right, positions right/wrong (module docstring)."""
   mentions = parse_caption(caption)
   truth_pairs = Counter((o['colour'], o['shape']) for o in objects)
-  checked = [(m, _referents(m, objects)) for m in mentions if m.position is not None]
-  position_ok = [m.position in {o['position'] for o in referents} for m, referents in checked if referents]
+  checked = [(m, referents(m, objects)) for m in mentions if m.position is not None]
+  position_ok = [m.position in {o['position'] for o in found} for m, found in checked if found]
   return {
       'objects_right': Counter((m.colour, m.shape) for m in mentions) == truth_pairs,
       'colours_right': Counter(m.colour for m in mentions) == Counter(o['colour'] for o in objects),
@@ -82,7 +82,7 @@ def score_caption(caption: str, objects: Sequence[dict]) -> dict[str, bool]:
   }
 
 
-def _referents(mention: Mention, objects: Sequence[dict]) -> list[dict]:
+def referents(mention: Mention, objects: Sequence[dict]) -> list[dict]:
   """The objects a mention means (the same object may be drawn twice); [] when it cannot be told."""
   for matches in ([o for o in objects if (o['colour'], o['shape']) == (mention.colour, mention.shape)],
                   [o for o in objects if o['colour'] == mention.colour],
@@ -108,10 +108,14 @@ class Rates:
 class Pointing:
   """Attention models: of `words_checked` colour/shape words, the share whose peak attention cell overlaps
   their object (`rate`), and the share a peak in a uniformly random cell would get (`chance`); both None
-  when no word could be checked."""
+  when no word could be checked. Of `two_object_captions` (captions of two-object images that name both
+  objects), the share whose two shape words peak in different cells, each on its own object
+  (`separated`): a decoder that moves its attention from object to object."""
   rate: float | None
   chance: float | None
   words_checked: int
+  separated: float | None = None
+  two_object_captions: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +134,9 @@ class ContentScore(Rates):
     result['shape_confusion'] = self.shape_confusion
     if self.pointing is not None:
       result.update(pointing=self.pointing.rate, pointing_chance=self.pointing.chance,
-                    pointing_words_checked=self.pointing.words_checked)
+                    pointing_words_checked=self.pointing.words_checked,
+                    pointing_separated=self.pointing.separated,
+                    pointing_two_object_captions=self.pointing.two_object_captions)
     return result
 
 
@@ -152,12 +158,36 @@ def pointing_score(words_per_caption: Sequence[Sequence[str]], attention: Sequen
   """`pointing` summed over captions; attention[i] is caption i's maps, (len(words), rows, cols)."""
   hits = checked = 0
   chance = 0.0
+  separations = []
   for words, alphas, objects in zip(words_per_caption, attention, objects_per_image):
     alphas = np.asarray(alphas)
     h, c, p = pointing(words, alphas.reshape(len(alphas), -1), alphas.shape[1:], objects)
     hits, checked, chance = hits + h, checked + c, chance + p
+    verdict = separated(words, alphas.reshape(len(alphas), -1), alphas.shape[1:], objects)
+    if verdict is not None:
+      separations.append(verdict)
   return Pointing(rate=hits / checked if checked else None, chance=chance / checked if checked else None,
-                  words_checked=checked)
+                  words_checked=checked,
+                  separated=float(np.mean(separations)) if separations else None,
+                  two_object_captions=len(separations))
+
+
+def separated(words: Sequence[str], alphas: np.ndarray, grid: tuple[int, int],
+              objects: Sequence[dict]) -> bool | None:
+  """For a two-object image whose caption names both objects (two mentions, each of exactly one of
+  them): whether the two shape words' peak cells differ and each overlaps its own object's box. None
+  when the caption is not of that kind."""
+  if len(objects) != 2:
+    return None
+  mentions = [m for m in parse_caption(' '.join(words)) if m.shape_index < len(alphas)]
+  found = [referents(m, objects) for m in mentions]
+  named = [(m, r[0]) for m, r in zip(mentions, found) if len(r) == 1]
+  if len(named) != 2 or named[0][1] is named[1][1]:
+    return None
+  rows, cols = grid
+  peaks = [int(np.argmax(alphas[m.shape_index])) for m, _ in named]
+  on_own = all(cells_overlapping(o['box'], rows, cols)[peak] for (_, o), peak in zip(named, peaks))
+  return peaks[0] != peaks[1] and bool(on_own)
 
 
 def shape_confusion(captions: Sequence[str], objects_per_image: Sequence[Sequence[dict]]) -> dict:
@@ -204,7 +234,7 @@ def pointing(words: Sequence[str], alphas: np.ndarray, grid: tuple[int, int],
       continue
     overlapping = np.zeros(rows * cols, bool)
     for box in candidates:
-      overlapping |= _cells_overlapping(box, rows, cols)
+      overlapping |= cells_overlapping(box, rows, cols)
     for index in (mention.shape_index, mention.colour_index):
       if index is None or index >= len(alphas):
         continue
@@ -214,7 +244,7 @@ def pointing(words: Sequence[str], alphas: np.ndarray, grid: tuple[int, int],
   return hits, checked, chance
 
 
-def _cells_overlapping(box: Sequence[float], rows: int, cols: int) -> np.ndarray:
+def cells_overlapping(box: Sequence[float], rows: int, cols: int) -> np.ndarray:
   """(rows * cols,) bool, row-major: which grid cells share some area with `box` (touching is not enough)."""
   x0, y0, x1, y1 = box
   row_edges, col_edges = np.arange(rows + 1) / rows, np.arange(cols + 1) / cols

@@ -55,6 +55,17 @@ class PreparedAnnotations(NamedTuple):
   projection: jax.Array
 
 
+def cell_positions(cells: int) -> jax.Array:
+  """(cells, 2): the centre (x, y) of each cell of a square grid, row-major, in [-1, 1] (the annotations'
+  order: a ResNet map flattened row by row)."""
+  side = int(round(cells ** 0.5))
+  if side * side != cells:
+    raise ValueError(f'{cells} annotations are not a square grid')
+  centres = (jnp.arange(side) + 0.5) / side * 2.0 - 1.0
+  y, x = jnp.meshgrid(centres, centres, indexing='ij')
+  return jnp.stack([x.reshape(-1), y.reshape(-1)], axis=-1)
+
+
 def attention_regularizer(alphas: jax.Array, mask: jax.Array) -> jax.Array:
   """Doubly stochastic penalty sum_i (1 - sum_t mask_t alpha_ti)^2 per caption: (N, T, G), (N, T) -> (N,).
 
@@ -81,9 +92,12 @@ class _AttentionStep(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, carry: LSTMCarry, embed_gates, prepared: PreparedAnnotations):
+  def __call__(self, carry: LSTMCarry, word_inputs, prepared: PreparedAnnotations):
+    """word_inputs: (embed_gates, word_query or None), the word just read's share of the gates and,
+    when the decoder's `attention_query_word`, of the attention query."""
+    embed_gates, word_query = word_inputs
     c, h = carry
-    alpha, context = self._attend(h, prepared)
+    alpha, context = self._attend(h, prepared, word_query)
     beta = nn.sigmoid(nn.Dense(1, dtype=self.dtype, name='gate')(h))
     # The embedding's share of the gates (and the bias) comes in precomputed: only what depends on
     # h_{t-1} is computed inside the recurrence.
@@ -97,14 +111,17 @@ class _AttentionStep(nn.Module):
     h = (nn.sigmoid(o) * jnp.tanh(c)).astype(self.dtype)
     return (c, h), (h, alpha)
 
-  def _attend(self, h, prepared: PreparedAnnotations):
-    """h (N, H) -> alpha (N, G) float32, context (N, D) in the compute dtype."""
+  def _attend(self, h, prepared: PreparedAnnotations, word_query=None):
+    """h (N, H) (and word_query (N, A) or None) -> alpha (N, G) float32, context (N, D) in the compute
+    dtype."""
     images, grid, features = prepared.annotations.shape
     rows = h.shape[0]
     if rows % images:
       raise ValueError(f'{rows} decoder rows do not split evenly over {images} images')
     per_image = rows // images
     query = nn.Dense(self.attention_dim, use_bias=False, dtype=self.dtype, name='hidden_proj')(h)
+    if word_query is not None:
+      query = query + word_query
     energy = jnp.tanh(prepared.projection[:, None] + query.reshape(images, per_image, 1, -1))
     scores = nn.Dense(1, use_bias=False, dtype=self.dtype, name='score')(energy)[..., 0]
     alpha = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)  # (B, K, G)
@@ -126,6 +143,13 @@ class AttentionDecoder(nn.Module):
   dropout_rate: float = 0.5
   forget_bias: float = 1.0
   lstm_unroll: int = 1
+  # Each annotation also carries its cell's centre (x, y in [-1, 1]): the context of a step then says
+  # where the decoder looked, so a caption can say where what it names is (see `cell_positions`).
+  cell_positions: bool = False
+  # The attention's query also reads the word just fed (W_h h_{t-1} + W_e E y_{t-1}): after "a red" the
+  # decoder can look for what is red before naming its shape. Without it the query is h_{t-1} alone, the
+  # state from before that word was read (Show, Attend and Tell).
+  attention_query_word: bool = False
   dtype: Any = jnp.float32
 
   def setup(self):
@@ -137,6 +161,8 @@ class AttentionDecoder(nn.Module):
     forget_bias_init = lstm_lib.forget_gate_bias_init(self.forget_bias)
     self.embed_gates = nn.Dense(4 * self.hidden_size, dtype=self.dtype, name='embed_gates',
                                 bias_init=forget_bias_init)
+    if self.attention_query_word:
+      self.word_query = nn.Dense(self.attention_dim, use_bias=False, dtype=self.dtype, name='word_query')
     self.cell = _AttentionStep(self.hidden_size, self.attention_dim, self.dtype, name='cell')
     self.dropout = nn.Dropout(self.dropout_rate)
     self.readout = nn.Dense(self.vocab_size, dtype=self.dtype, name='readout')
@@ -150,18 +176,28 @@ class AttentionDecoder(nn.Module):
     per_image = input_tokens.shape[0] // annotations.shape[0]
     carry = jax.tree.map(lambda x: jnp.repeat(x, per_image, axis=0), self.start(annotations))
     recurrence = nn.scan(
-        lambda cell, carry, gates, prepared: cell(carry, gates, prepared),
+        lambda cell, carry, word_inputs, prepared: cell(carry, word_inputs, prepared),
         variable_broadcast='params', split_rngs={'params': False, 'dropout': True},
         in_axes=(1, nn.broadcast), out_axes=1, unroll=self.lstm_unroll)
-    _, (hidden, alphas) = recurrence(self.cell, carry, self.embed_gates(self.embed(input_tokens)),
-                                     prepared)
+    _, (hidden, alphas) = recurrence(self.cell, carry, self._word_inputs(input_tokens), prepared)
     hidden = self.dropout(hidden, deterministic=not train)
     # One matmul for every position's vocabulary projection, after the recurrence.
     return self.readout(hidden).astype(jnp.float32), alphas
 
+  def _word_inputs(self, tokens):
+    """What the recurrence needs of each token fed, computed for all positions at once (outside the
+    scan): its share of the LSTM gates (with the gate bias), and of the attention query or None."""
+    embedded = self.embed(tokens)
+    return self.embed_gates(embedded), (self.word_query(embedded) if self.attention_query_word else None)
+
   def prepare(self, annotations) -> PreparedAnnotations:
-    """What depends only on the image, computed once: cast annotations and their projection W_a a + b_a."""
+    """What depends only on the image, computed once: cast annotations (with their cells' positions when
+    `cell_positions`) and their projection W_a a + b_a."""
     annotations = annotations.astype(self.dtype)
+    if self.cell_positions:
+      positions = jnp.broadcast_to(cell_positions(annotations.shape[1]).astype(self.dtype),
+                                   (annotations.shape[0], annotations.shape[1], 2))
+      annotations = jnp.concatenate([annotations, positions], axis=-1)
     return PreparedAnnotations(annotations, self.annotation_proj(annotations))
 
   def start(self, annotations) -> LSTMCarry:
@@ -174,7 +210,7 @@ class AttentionDecoder(nn.Module):
   def step_with_attention(self, carry: LSTMCarry, tokens, prepared: PreparedAnnotations):
     """One token per row (N = B * K rows, row r of image r // K) -> (carry, logits (N, vocab) float32,
     alpha (N, G) float32). No dropout: decoding is inference."""
-    carry, (hidden, alpha) = self.cell(carry, self.embed_gates(self.embed(tokens)), prepared)
+    carry, (hidden, alpha) = self.cell(carry, self._word_inputs(tokens), prepared)
     return carry, self.readout(hidden).astype(jnp.float32), alpha
 
   def step(self, carry: LSTMCarry, tokens, prepared: PreparedAnnotations):

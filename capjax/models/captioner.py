@@ -195,10 +195,14 @@ class Captioner(nn.Module):
 
 
 def sow_word_loss(module: nn.Module, image_features, input_tokens, *, train: bool):
-  """The word-presence loss of `module.word_head` on per-image features (N, D), times
-  `module.word_loss_weight`, sown as losses/words when training. Called at init too (train=False), so
-  the head's parameters exist."""
+  """The word-presence loss of `module.word_head` on per-image features (N, D), or on per-cell features
+  (N, G, D) pooled by their highest logit per word (multiple-instance learning: a word is present when
+  one cell shows it, as Fang et al. 2015 detect words in image regions), times `module.word_loss_weight`,
+  sown as losses/words when training. Called at init too (train=False), so the head's parameters
+  exist."""
   word_logits = module.word_head(image_features).astype(jnp.float32)
+  if word_logits.ndim == 3:
+    word_logits = jnp.max(word_logits, axis=1)
   if train:
     module.sow('losses', 'words', module.word_loss_weight * word_presence_loss(word_logits, input_tokens))
 
@@ -246,11 +250,16 @@ class AttentionCaptioner(nn.Module):
   hidden_size: int = 256
   attention_dim: int = 256
   attention_grid: int = 0  # 0: the trunk's own grid (7x7 at 224 px)
+  cell_positions: bool = False  # annotations carry their cells' positions (attention.AttentionDecoder)
+  attention_query_word: bool = False  # the attention query reads the word just fed (the same)
   dropout_rate: float = 0.5
   regularizer: float = 1.0
   lstm_unroll: int = 1
   trunk_mode: str = 'train'
   word_loss_weight: float = 0.0  # as `Captioner`'s; the head reads the mean annotation vector
+  # 'mean': the word head reads the mean annotation; 'cells': it reads every cell and a word's logit is
+  # its highest over the cells (so single cells must show the words: features that are local).
+  word_loss_pooling: str = 'mean'
   dtype: Any = jnp.float32
 
   def setup(self):
@@ -258,7 +267,8 @@ class AttentionCaptioner(nn.Module):
                                 self.dtype, name='encoder')
     self.decoder = attention.AttentionDecoder(
         self.vocab_size, self.embed_dim, self.hidden_size, self.attention_dim, self.dropout_rate,
-        lstm_unroll=self.lstm_unroll, dtype=self.dtype, name='decoder')
+        lstm_unroll=self.lstm_unroll, cell_positions=self.cell_positions,
+        attention_query_word=self.attention_query_word, dtype=self.dtype, name='decoder')
     if self.word_loss_weight:
       self.word_head = nn.Dense(self.vocab_size, dtype=self.dtype, name='word_head')
 
@@ -281,7 +291,8 @@ class AttentionCaptioner(nn.Module):
 
   def _teacher_forced(self, annotations, input_tokens, *, train: bool):
     if self.word_loss_weight:
-      sow_word_loss(self, jnp.mean(annotations, axis=1), input_tokens, train=train)
+      cells = annotations if self.word_loss_pooling == 'cells' else jnp.mean(annotations, axis=1)
+      sow_word_loss(self, cells, input_tokens, train=train)
     tokens = input_tokens.reshape(-1, input_tokens.shape[-1])
     logits, alphas = self.decoder(annotations, tokens, train=train)
     if train and self.regularizer:
@@ -338,6 +349,14 @@ def build_captioner(model_config, vocab_size: int,
   if trunk_mode is None:
     trunk_mode = 'train' if model_config.encoder_mode == 'train' else 'frozen'
   word_loss_weight = model_config.get('word_loss_weight', 0.0)  # absent in older workdirs: off
+  word_loss_pooling = model_config.get('word_loss_pooling', 'mean')  # absent in older workdirs
+  if word_loss_pooling not in ('mean', 'cells'):
+    raise ValueError(f"config.model.word_loss_pooling: expected 'mean' or 'cells', got {word_loss_pooling!r}")
+  if decoder != 'attention' and (word_loss_pooling != 'mean' or model_config.get('attention_cell_positions')
+                                 or model_config.get('attention_query_word')):
+    raise ValueError("config.model.word_loss_pooling='cells', attention_cell_positions and "
+                     "attention_query_word need config.model.decoder='attention' (the seed decoder reads "
+                     'one pooled vector)')
   if decoder == 'attention':
     return AttentionCaptioner(
         vocab_size=vocab_size,
@@ -347,11 +366,14 @@ def build_captioner(model_config, vocab_size: int,
         hidden_size=model_config.hidden_size,
         attention_dim=model_config.attention_dim,
         attention_grid=model_config.attention_grid,
+        cell_positions=model_config.get('attention_cell_positions', False),  # absent in older workdirs
+        attention_query_word=model_config.get('attention_query_word', False),
         dropout_rate=model_config.attention_dropout,
         regularizer=model_config.attention_regularizer,
         lstm_unroll=model_config.lstm_unroll,
         trunk_mode=trunk_mode,
         word_loss_weight=word_loss_weight,
+        word_loss_pooling=word_loss_pooling,
         dtype=dtypes[model_config.dtype],
     )
   return Captioner(
