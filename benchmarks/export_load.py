@@ -43,8 +43,6 @@ if __package__ in (None, ''):  # run as `python benchmarks/export_load.py`
 
 from absl import app
 from absl import flags
-import jax
-import numpy as np
 
 from benchmarks import harness
 from capjax import checkpointing
@@ -167,18 +165,7 @@ def write_random_workdir(workdir: str) -> None:
       vocab_lib.SPECIALS + tuple(f'word{i}' for i in range(FLICKR8K_VOCAB - len(vocab_lib.SPECIALS))), 5)
   model = captioner.build_captioner(config.model, len(vocab))
   shapes = captioner.abstract_variables(model, config.data.image_size, config.data.max_caption_len)
-  rng = np.random.default_rng(0)
-
-  def fill(path, leaf):
-    name = path[-1].key
-    if name in ('scale', 'var'):
-      return np.ones(leaf.shape, leaf.dtype)
-    if name in ('bias', 'mean'):
-      return np.zeros(leaf.shape, leaf.dtype)
-    fan_in = int(np.prod(leaf.shape[:-1])) or 1
-    return (rng.standard_normal(leaf.shape) / np.sqrt(fan_in)).astype(leaf.dtype)
-
-  variables = jax.tree_util.tree_map_with_path(fill, shapes)
+  variables = harness.random_variables(shapes, seed=0)
   os.makedirs(workdir, exist_ok=True)
   workdir_lib.save_config(workdir, workdir_lib.with_absolute_paths(config))
   workdir_lib.save_vocab(workdir, vocab)

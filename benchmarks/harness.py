@@ -15,6 +15,7 @@ import types
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 import numpy as np
 
 from capjax import vocab as vocab_lib
@@ -201,6 +202,23 @@ def records_from_dir(pattern: str, limit: int) -> list[dict]:
 
 # ----------------------------------------------------------------------------------------------
 # Synthetic training batches
+
+
+def random_variables(shapes_tree, seed: int):
+  """Fan-in scaled normal weights, BatchNorm at identity (scale and var 1, bias and mean 0): a freshly
+  initialised model made in numpy from its abstract variables (jitting the model's init compiles for
+  longer than a small benchmark or test runs)."""
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name = path[-1].key
+    if name in ('scale', 'var'):
+      return np.ones(leaf.shape, leaf.dtype)
+    if name in ('bias', 'mean'):
+      return np.zeros(leaf.shape, leaf.dtype)
+    fan_in = int(np.prod(leaf.shape[:-1])) or 1
+    return (rng.standard_normal(leaf.shape) / np.sqrt(fan_in)).astype(leaf.dtype)
+  return jax.tree_util.tree_map_with_path(fill, shapes_tree)
 
 
 def random_tokens(rng: np.random.Generator, batch: int, max_len: int, vocab: int) -> np.ndarray:

@@ -18,7 +18,6 @@ import threading
 import time
 
 import httpx
-import jax
 import numpy as np
 from PIL import Image
 import pytest
@@ -28,6 +27,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 from starlette.testclient import TestClient
 import uvicorn
 
+from benchmarks import harness
 import browser
 from capjax import checkpointing
 from capjax import serve
@@ -43,22 +43,6 @@ BEAM = 3
 LOCAL = 'http://127.0.0.1'
 
 
-def _random_variables(shapes_tree, seed: int):
-  """Fan-in scaled normal weights, BatchNorm at identity: a freshly initialised model, made in numpy
-  (jitting the model's init compiles for longer than everything these tests do)."""
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    name = path[-1].key
-    if name in ('scale', 'var'):
-      return np.ones(leaf.shape, leaf.dtype)
-    if name in ('bias', 'mean'):
-      return np.zeros(leaf.shape, leaf.dtype)
-    fan_in = int(np.prod(leaf.shape[:-1])) or 1
-    return (rng.standard_normal(leaf.shape) / np.sqrt(fan_in)).astype(leaf.dtype)
-  return jax.tree_util.tree_map_with_path(fill, shapes_tree)
-
-
 def make_untrained_workdir(workdir, decoder: str = 'seed', attention_grid: int = 0) -> str:
   """config.json, vocab.json and one checkpoint (step 1) of the tiny model, as training writes them."""
   config = tiny.get_config()
@@ -69,7 +53,7 @@ def make_untrained_workdir(workdir, decoder: str = 'seed', attention_grid: int =
       [c for _ in range(30) for c in shapes.render_example(rng, 32)[1]], config.data.min_word_count)
   model = captioner_lib.build_captioner(config.model, len(vocab))
   abstract = captioner_lib.abstract_variables(model, config.data.image_size, config.data.max_caption_len)
-  variables = _random_variables(abstract, seed=1)
+  variables = harness.random_variables(abstract, seed=1)
   os.makedirs(workdir, exist_ok=True)
   workdir_lib.save_config(workdir, config)
   workdir_lib.save_vocab(workdir, vocab)
