@@ -43,15 +43,13 @@ def define_flags() -> None:
 
 
 def stuck_on_first(words, alphas: np.ndarray, objects) -> bool | None:
-  """For a two-object caption naming both objects: whether the second mention's shape word peaks on a
-  cell of the first mention's object and not on its own. None when the caption is not of that kind."""
-  if len(objects) != 2:
+  """For a two-object caption naming both objects (`content_score.named_pair`): whether the second
+  mention's shape word peaks on a cell of the first mention's object and not on its own. None when the
+  caption is not of that kind."""
+  named = content_score.named_pair(words, len(alphas), objects)
+  if named is None:
     return None
   rows = cols = alphas.shape[1]
-  mentions = [m for m in content_score.parse_caption(' '.join(words)) if m.shape_index < len(alphas)]
-  named = [(m, r[0]) for m in mentions if len(r := content_score.referents(m, objects)) == 1]
-  if len(named) != 2 or named[0][1] is named[1][1]:
-    return None
   (_, first), (second_mention, second) = named
   peak = int(np.argmax(alphas[second_mention.shape_index].reshape(-1)))
   cells = content_score.cells_overlapping
@@ -80,7 +78,8 @@ def summarise(attended, objects_per_image, indices) -> dict:
     hits = checked = 0
     chance = 0.0
     for caption, objects in zip(attended, objects_per_image):
-      h, c, p = _class_pointing(caption, objects, word_class)
+      h, c, p = content_score.pointing(caption.words, caption.attention.reshape(len(caption.words), -1),
+                                       caption.attention.shape[1:], objects, word_classes=(word_class,))
       hits, checked, chance = hits + h, checked + c, chance + p
     by_class[word_class] = {'pointing': hits / checked if checked else None,
                             'random_cell': chance / checked if checked else None, 'words': checked}
@@ -94,26 +93,6 @@ def summarise(attended, objects_per_image, indices) -> dict:
           'pointing_by_class': by_class, 'separated': pointing.separated,
           'second_shape_on_first_object': float(np.mean(stuck)) if stuck else None,
           'two_object_captions': len(stuck), 'images_apart': apart}
-
-
-def _class_pointing(caption, objects, word_class: str) -> tuple[int, int, float]:
-  """`content_score.pointing` of one caption restricted to its colour or its shape words."""
-  flat = caption.attention.reshape(len(caption.words), -1)
-  rows, cols = caption.attention.shape[1:]
-  hits = checked = 0
-  chance = 0.0
-  for mention in content_score.parse_caption(' '.join(caption.words)):
-    boxes = [o['box'] for o in objects if (o['colour'], o['shape']) == (mention.colour, mention.shape)]
-    index = mention.colour_index if word_class == 'colour' else mention.shape_index
-    if not boxes or index is None or index >= len(flat):
-      continue
-    overlapping = np.zeros(rows * cols, bool)
-    for box in boxes:
-      overlapping |= content_score.cells_overlapping(box, rows, cols)
-    hits += bool(overlapping[int(np.argmax(flat[index]))])
-    checked += 1
-    chance += float(overlapping.mean())
-  return hits, checked, chance
 
 
 def main(argv):

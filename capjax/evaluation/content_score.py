@@ -161,9 +161,10 @@ def pointing_score(words_per_caption: Sequence[Sequence[str]], attention: Sequen
   separations = []
   for words, alphas, objects in zip(words_per_caption, attention, objects_per_image):
     alphas = np.asarray(alphas)
-    h, c, p = pointing(words, alphas.reshape(len(alphas), -1), alphas.shape[1:], objects)
+    flat = alphas.reshape(len(alphas), -1)
+    h, c, p = pointing(words, flat, alphas.shape[1:], objects)
     hits, checked, chance = hits + h, checked + c, chance + p
-    verdict = separated(words, alphas.reshape(len(alphas), -1), alphas.shape[1:], objects)
+    verdict = separated(words, flat, alphas.shape[1:], objects)
     if verdict is not None:
       separations.append(verdict)
   return Pointing(rate=hits / checked if checked else None, chance=chance / checked if checked else None,
@@ -172,17 +173,28 @@ def pointing_score(words_per_caption: Sequence[Sequence[str]], attention: Sequen
                   two_object_captions=len(separations))
 
 
-def separated(words: Sequence[str], alphas: np.ndarray, grid: tuple[int, int],
-              objects: Sequence[dict]) -> bool | None:
-  """For a two-object image whose caption names both objects (two mentions, each of exactly one of
-  them): whether the two shape words' peak cells differ and each overlaps its own object's box. None
-  when the caption is not of that kind."""
+def named_pair(words: Sequence[str], steps: int,
+               objects: Sequence[dict]) -> list[tuple[Mention, dict]] | None:
+  """For a two-object image whose caption names both objects (two mentions whose shape word is among
+  the first `steps` words, each meaning exactly one object, not the same): [(mention, its object)] in
+  caption order. None when the image or the caption is not of that kind."""
   if len(objects) != 2:
     return None
-  mentions = [m for m in parse_caption(' '.join(words)) if m.shape_index < len(alphas)]
+  mentions = [m for m in parse_caption(' '.join(words)) if m.shape_index < steps]
   found = [referents(m, objects) for m in mentions]
   named = [(m, r[0]) for m, r in zip(mentions, found) if len(r) == 1]
   if len(named) != 2 or named[0][1] is named[1][1]:
+    return None
+  return named
+
+
+def separated(words: Sequence[str], alphas: np.ndarray, grid: tuple[int, int],
+              objects: Sequence[dict]) -> bool | None:
+  """For a two-object image whose caption names both objects (`named_pair`): whether the two shape
+  words' peak cells differ and each overlaps its own object's box. None when the caption is not of
+  that kind."""
+  named = named_pair(words, len(alphas), objects)
+  if named is None:
     return None
   rows, cols = grid
   peaks = [int(np.argmax(alphas[m.shape_index])) for m, _ in named]
@@ -213,14 +225,16 @@ def _rates(verdicts: list[dict]) -> Rates:
 
 
 def pointing(words: Sequence[str], alphas: np.ndarray, grid: tuple[int, int],
-             objects: Sequence[dict]) -> tuple[int, int, float]:
+             objects: Sequence[dict], word_classes: Sequence[str] = ('shape', 'colour')
+             ) -> tuple[int, int, float]:
   """(hits, checked, hits expected by chance) for one generated caption: for each colour/shape word of a
   mention whose object is in the image, does the peak cell of that word's attention map (alphas[t] over
   the grid, row-major, t = the word's position) overlap the object's box (fractions of the image,
   [x0, y0, x1, y1])? The cell is the map's unit of resolution: on a coarse grid (2x2 at 64 px) a cell's
   centre rarely lies inside a small object even when the model looks at the right quarter. By chance
   (a peak in a uniformly random cell) a word hits with probability (cells overlapping the box) / cells,
-  summed here as the third number, so a rate can be read against what a blind model would score."""
+  summed here as the third number, so a rate can be read against what a blind model would score.
+  `word_classes`: which words of a mention are checked ('shape', 'colour', or both)."""
   mentions = parse_caption(' '.join(words))
   boxes = {}  # (colour, shape) -> boxes: the same object may be drawn twice
   for o in objects:
@@ -235,7 +249,8 @@ def pointing(words: Sequence[str], alphas: np.ndarray, grid: tuple[int, int],
     overlapping = np.zeros(rows * cols, bool)
     for box in candidates:
       overlapping |= cells_overlapping(box, rows, cols)
-    for index in (mention.shape_index, mention.colour_index):
+    indices = {'shape': mention.shape_index, 'colour': mention.colour_index}
+    for index in (indices[word_class] for word_class in word_classes):
       if index is None or index >= len(alphas):
         continue
       hits += bool(overlapping[int(np.argmax(alphas[index]))])

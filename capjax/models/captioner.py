@@ -352,8 +352,9 @@ def build_captioner(model_config, vocab_size: int,
   word_loss_pooling = model_config.get('word_loss_pooling', 'mean')  # absent in older workdirs
   if word_loss_pooling not in ('mean', 'cells'):
     raise ValueError(f"config.model.word_loss_pooling: expected 'mean' or 'cells', got {word_loss_pooling!r}")
-  if decoder != 'attention' and (word_loss_pooling != 'mean' or model_config.get('attention_cell_positions')
-                                 or model_config.get('attention_query_word')):
+  cell_positions = model_config.get('attention_cell_positions', False)  # absent in older workdirs
+  query_word = model_config.get('attention_query_word', False)  # absent in older workdirs
+  if decoder != 'attention' and (word_loss_pooling != 'mean' or cell_positions or query_word):
     raise ValueError("config.model.word_loss_pooling='cells', attention_cell_positions and "
                      "attention_query_word need config.model.decoder='attention' (the seed decoder reads "
                      'one pooled vector)')
@@ -366,8 +367,8 @@ def build_captioner(model_config, vocab_size: int,
         hidden_size=model_config.hidden_size,
         attention_dim=model_config.attention_dim,
         attention_grid=model_config.attention_grid,
-        cell_positions=model_config.get('attention_cell_positions', False),  # absent in older workdirs
-        attention_query_word=model_config.get('attention_query_word', False),
+        cell_positions=cell_positions,
+        attention_query_word=query_word,
         dropout_rate=model_config.attention_dropout,
         regularizer=model_config.attention_regularizer,
         lstm_unroll=model_config.lstm_unroll,
