@@ -6,7 +6,6 @@ exported step, and the decode settings of the serialized functions.
 """
 
 import datetime
-import importlib.metadata
 import math
 import os
 import time
@@ -103,7 +102,7 @@ def _provenance(workdir: str, config, vocab, requested, step: int) -> dict:
   return {
       'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
       'capjax': {'version': capjax.__version__, 'commit': commit, 'dirty': dirty},
-      'versions': {p: _version(p) for p in ('jax', 'jaxlib', 'flax')},
+      'versions': {p: provenance.package_version(p) for p in ('jax', 'jaxlib', 'flax')},
       'source': {'workdir': os.path.basename(os.path.abspath(workdir)), 'step': int(step),
                  'epoch': next((h.get('epoch') for h in workdir_lib.load_history(workdir)
                                 if h.get('step') == step), None),
@@ -140,10 +139,3 @@ def _data_facts(config) -> dict:
   facts['fingerprints'] = {split: provenance.split_fingerprint(config, splits[split], split)
                            for split in ('train', 'validation')}
   return facts
-
-
-def _version(package: str) -> str | None:
-  try:
-    return importlib.metadata.version(package)
-  except importlib.metadata.PackageNotFoundError:
-    return None

@@ -100,7 +100,7 @@ def collect(config, *, workdir: str, split: str, source, captioned, step: int, c
       decoding=decode.describe(), beam_size=decode.beam_size, length_penalty=decode.length_penalty,
       no_repeat_ngram=decode.no_repeat_ngram, max_len=decode.max_len, tokenizer=None, java=java_version(),
       seed=config.get('seed'), examples_seed=examples_seed, capjax_commit=commit, capjax_dirty=dirty,
-      python=platform.python_version(), **{p: _package_version(p) for p in _VERSIONED_PACKAGES},
+      python=platform.python_version(), **{p: package_version(p) for p in _VERSIONED_PACKAGES},
       devices=f'{jax.device_count()} x {jax.devices()[0].device_kind}',
       command=shlex.join([os.path.basename(sys.argv[0]), *sys.argv[1:]]) if sys.argv else None,
       created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'))
@@ -175,7 +175,8 @@ def java_version() -> str:
   return first[0] if first and not done.returncode else f'present but failing (exit {done.returncode})'
 
 
-def _package_version(name: str) -> str | None:
+def package_version(name: str) -> str | None:
+  """The installed version of a distribution, or None when it is not installed."""
   try:
     return importlib.metadata.version(name)
   except importlib.metadata.PackageNotFoundError:
