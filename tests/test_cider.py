@@ -170,6 +170,32 @@ def test_prepared_references_equal_unprepared():
                              uncached[order], rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize('chunk_references', [1, 7, 40])
+def test_cooking_in_chunks_changes_no_score(chunk_references):
+  # COCO's references are cooked a chunk of images at a time to bound memory: the document frequencies
+  # summed over chunks, the (n-gram, image) pairs and the n-grams the corpus lacks (numbered per chunk,
+  # then renumbered) must come out as if cooked at once, bit for bit.
+  rng = np.random.default_rng(13)
+  _, references, corpus = random_problem(13)
+  whole = cider.CiderD(corpus, chunk_references=10 ** 9)
+  chunked = cider.CiderD(corpus, chunk_references=chunk_references)
+  keys = cider.ngram_keys([[1], [2, 3], [4, 5, 6], [7, 8, 9, 10]])
+  np.testing.assert_array_equal(chunked.idf(keys), whole.idf(keys))
+  np.testing.assert_array_equal(chunked._corpus.keys[np.argsort(chunked._corpus.keys)],
+                                np.sort(whole._corpus.keys))
+  # References the corpus has never seen, several images' worth per chunk.
+  novel = random_references(rng, 30, 300)
+  split = references + novel
+  samples = candidates_like(rng, split, 300)
+  index = rng.integers(0, len(split), len(samples))
+  expected = whole.score(samples, whole.prepare(split), index)
+  prepared = chunked.prepare(split)
+  assert len(prepared.unseen) > 100
+  np.testing.assert_array_equal(chunked.score(samples, prepared, index), expected)
+  with pytest.raises(ValueError, match='chunk_references'):
+    cider.CiderD(corpus, chunk_references=0)
+
+
 def test_edge_cases():
   rng = np.random.default_rng(12)
   corpus = random_references(rng, 20, 10)

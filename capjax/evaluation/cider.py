@@ -40,8 +40,9 @@ references every step, and the same training images every epoch. ``prepare(refer
 the per-reference work once (n-grams, tf-idf weights, norms, lengths, an index by (n-gram, image)) and
 returns a ``PreparedReferences``; ``score(candidates, prepared, image_index)`` then only cooks the
 candidates and looks their n-grams up, candidate m being scored against image ``image_index[m]``.
-Either prepare the whole training split once (Flickr8k's 6,000 images x 5 refs: ~1 s, ~50 MiB) and pass
-dataset indices, or prepare a batch's references once and score the samples
+Either prepare the whole training split once (Flickr8k's 6,000 images x 5 refs: ~1 s, ~50 MiB; COCO's
+113k x 5: ~15 s, ~0.7 GiB, cooked ``chunk_references`` at a time so the transient arrays stay bounded)
+and pass dataset indices, or prepare a batch's references once and score the samples
 (``image_index=np.repeat(np.arange(B), K)``) and the baseline (``np.arange(B)``) against them. A plain
 reference list is prepared inside ``score``, so both paths run the same code. Prepared references hold
 idf weights, so they belong to the ``CiderD`` that made them.
@@ -67,6 +68,9 @@ import numpy as np
 
 TOKEN_BITS = 15
 MAX_ORDER = 4
+# References cooked at a time when building the document frequencies and preparing references. COCO's
+# 566k training references at once took 2-3 GiB of transient n-gram arrays; 100k take ~0.4 GiB.
+CHUNK_REFERENCES = 100_000
 _ORDER_SHIFT = TOKEN_BITS * MAX_ORDER  # the 0-based order index sits above the packed ids: bits 60-61
 _serials = itertools.count()  # tells apart the scorers that prepared references belong to
 _FIBONACCI = np.uint64(0x9E3779B97F4A7C15)  # 2**64 / golden ratio, odd: the product mixes all bits upward
@@ -91,9 +95,10 @@ class _HashTable:
     self._shift = np.uint64(64 - bits)
     bucket = self._bucket(keys)
     order = np.argsort(bucket)
+    self._starts = np.append(0, np.cumsum(np.bincount(bucket, minlength=2 ** bits))).astype(np.int32)
+    del bucket  # tables of tens of millions of keys (COCO's reference pairs): free what is done with
     self.keys = keys[order]
     self.values = tuple(v[order] for v in values)
-    self._starts = np.append(0, np.cumsum(np.bincount(bucket, minlength=2 ** bits))).astype(np.int32)
 
   @property
   def nbytes(self) -> int:
@@ -164,24 +169,33 @@ class CiderD:
   """CIDEr-D with document frequencies from a fixed corpus; see the module docstring."""
 
   def __init__(self, corpus_references: Sequence[Sequence[Sequence[int]]], *, n: int = 4,
-               sigma: float = 6.0):
-    """corpus_references[i]: the reference captions (int sequences) of corpus image i."""
+               sigma: float = 6.0, chunk_references: int = CHUNK_REFERENCES):
+    """corpus_references[i]: the reference captions (int sequences) of corpus image i.
+
+    chunk_references: references cooked at a time here and in ``prepare``; the scores do not depend on it.
+    """
     if not 1 <= n <= MAX_ORDER:
       raise ValueError(f'n must be in 1..{MAX_ORDER} (n-grams are packed into one int64), got {n}')
     if not len(corpus_references):
       raise ValueError('the corpus has no images')
-    self.n, self.sigma = n, float(sigma)
+    if chunk_references < 1:
+      raise ValueError(f'chunk_references must be >= 1, got {chunk_references}')
+    self.n, self.sigma, self.chunk_references = n, float(sigma), int(chunk_references)
     self._serial = next(_serials)
     self.num_corpus_images = len(corpus_references)
     self.ref_len = np.log(float(self.num_corpus_images))
 
+    # df, summed over chunks of images: an image counts once per n-gram however many of its references
+    # hold it, and all of an image's references are in one chunk.
     counts = _lengths_of(corpus_references)
-    tokens, lengths = _flatten(list(itertools.chain.from_iterable(corpus_references)))
-    ref, keys = _ngram_entries(tokens, lengths, n)
-    # An image counts once per n-gram however many of its references hold it: distinct (image, n-gram).
-    image_of_ref = np.repeat(np.arange(len(counts)), counts)
-    _, _, _, df_keys, run = _term_frequencies(image_of_ref[ref], keys, len(counts))
-    df = np.bincount(run, minlength=len(df_keys))
+    df_keys, df = np.zeros(0, np.int64), np.zeros(0, np.int64)
+    for lo, hi in _image_chunks(counts, self.chunk_references):
+      tokens, lengths = _flatten(list(itertools.chain.from_iterable(corpus_references[lo:hi])))
+      ref, keys = _ngram_entries(tokens, lengths, n)
+      image_of_ref = np.repeat(np.arange(hi - lo), counts[lo:hi])
+      _, _, _, chunk_keys, run = _term_frequencies(image_of_ref[ref], keys, hi - lo)
+      df_keys, df = _add_counts(df_keys, df, chunk_keys, np.bincount(run, minlength=len(chunk_keys)))
+      del tokens, lengths, ref, keys, image_of_ref, run  # before the next chunk's arrays
     self._corpus = _HashTable(df_keys, self.ref_len - np.log(np.maximum(1.0, df)))
     # idf by position in the corpus table, then ref_len: what position -1 (not in the corpus) picks.
     self._idf_table = np.append(self._corpus.values[0], self.ref_len)
@@ -191,35 +205,61 @@ class CiderD:
     return self._idf_table[self._corpus.find(np.asarray(keys, np.int64))]
 
   def prepare(self, references_per_image: Sequence[Sequence[Sequence[int]]]) -> PreparedReferences:
-    """Cooks the references of each image once, for any number of ``score`` calls against them."""
+    """Cooks the references of each image once, for any number of ``score`` calls against them.
+
+    Cooked ``chunk_references`` at a time, so that the transient n-gram arrays stay bounded: one
+    (n-gram, image) pair's entries all come from one image, hence one chunk, and stay contiguous.
+    """
     counts = _lengths_of(references_per_image)
     if (counts == 0).any():
       raise ValueError('every image needs at least one reference')
     num_images, max_refs = len(counts), int(counts.max(initial=1))
-    tokens, lengths = _flatten(list(itertools.chain.from_iterable(references_per_image)))
-    refs = self._cook(tokens, lengths)
-
-    image = np.repeat(np.arange(num_images), counts)
-    slot = np.arange(len(lengths)) - np.repeat(np.cumsum(counts) - counts, counts)
     norms = np.zeros((num_images, max_refs, self.n))
-    norms[image, slot] = self._norms(refs, len(lengths))
     padded_lengths = np.zeros((num_images, max_refs), np.int64)
-    padded_lengths[image, slot] = self._length(lengths)
+    num_known = len(self._corpus.keys)
+    weights, ref_slots, pair_keys, firsts, pair_counts, unseen_per_chunk = [], [], [], [], [], []
+    num_entries = 0
+    for lo, hi in _image_chunks(counts, self.chunk_references):
+      chunk_counts = counts[lo:hi]
+      tokens, lengths = _flatten(list(itertools.chain.from_iterable(references_per_image[lo:hi])))
+      refs = self._cook(tokens, lengths)
+      image = np.repeat(np.arange(lo, hi), chunk_counts)
+      slot = np.arange(len(lengths)) - np.repeat(np.cumsum(chunk_counts) - chunk_counts, chunk_counts)
+      norms[image, slot] = self._norms(refs, len(lengths))
+      padded_lengths[image, slot] = self._length(lengths)
 
-    # N-gram ids: the corpus table's positions, then the n-grams it lacks, numbered on in key order, so
-    # that a candidate finds their id by its rank in the sorted `unseen`.
-    ids = refs.corpus_id.copy()
-    unseen = ids < 0
-    ids[unseen] = len(self._corpus.keys) + np.arange(unseen.sum())
-    pair_of_entry = ids[refs.run] * num_images + image[refs.doc]
-    order = np.argsort(pair_of_entry)
-    pair_of_entry = pair_of_entry[order]
-    first = np.flatnonzero(_new_runs(pair_of_entry))
-    count = np.diff(np.append(first, len(order))).astype(np.int32)
+      # N-gram ids: the corpus table's positions, then the n-grams it lacks, numbered on in key order
+      # (here by rank in this chunk; renumbered below by rank among all chunks' unseen n-grams).
+      ids = refs.corpus_id.copy()
+      unseen = ids < 0
+      ids[unseen] = num_known + np.arange(unseen.sum())
+      unseen_per_chunk.append(refs.distinct[unseen])
+      pair_of_entry = ids[refs.run] * num_images + image[refs.doc]
+      order = np.argsort(pair_of_entry)
+      pair_of_entry = pair_of_entry[order]
+      first = np.flatnonzero(_new_runs(pair_of_entry))
+      pair_keys.append(pair_of_entry[first])
+      pair_counts.append(np.diff(np.append(first, len(order))).astype(np.int32))
+      firsts.append(first + num_entries)  # int32 below while the entries fit
+      weights.append(refs.weights[order])
+      ref_slots.append(slot[refs.doc[order]].astype(np.int32))
+      num_entries += len(order)
+      del tokens, lengths, refs, image, slot, ids, pair_of_entry, order, first
+
+    all_unseen = np.unique(np.concatenate(unseen_per_chunk))
+    for chunk_keys, chunk_unseen in zip(pair_keys, unseen_per_chunk):
+      if len(chunk_unseen):  # chunk rank -> rank among all unseen n-grams, in place
+        ids, images = np.divmod(chunk_keys, num_images)
+        fix = ids >= num_known
+        rank = np.searchsorted(all_unseen, chunk_unseen[ids[fix] - num_known])
+        chunk_keys[fix] = (num_known + rank) * num_images + images[fix]
+    index_type = np.int32 if num_entries < 2 ** 31 else np.int64
+    pairs = _HashTable(_concatenate_emptying(pair_keys), _concatenate_emptying(firsts, index_type),
+                       _concatenate_emptying(pair_counts))
     return PreparedReferences(
-        unseen=refs.distinct[unseen], pairs=_HashTable(pair_of_entry[first], first, count),
-        weights=refs.weights[order], ref_slot=slot[refs.doc[order]].astype(np.int32), norms=norms,
-        lengths=padded_lengths, counts=counts, scorer=self._serial)
+        unseen=all_unseen, pairs=pairs, weights=_concatenate_emptying(weights),
+        ref_slot=_concatenate_emptying(ref_slots), norms=norms, lengths=padded_lengths, counts=counts,
+        scorer=self._serial)
 
   def score(self, candidates: Captions, references: Sequence[Sequence[Sequence[int]]] | PreparedReferences,
             image_index: Sequence[int] | np.ndarray | None = None, *, end_id: int | None = None,
@@ -321,6 +361,42 @@ def ngram_keys(ngrams: Sequence[Sequence[int]]) -> np.ndarray:
       key = (key << TOKEN_BITS) | int(token)
     out.append(key | ((len(ngram) - 1) << _ORDER_SHIFT))
   return np.array(out, np.int64)
+
+
+def _image_chunks(counts: np.ndarray, chunk_references: int) -> list[tuple[int, int]]:
+  """Consecutive image ranges [lo, hi) of at most ``chunk_references`` references each (at least one
+  image), covering all images."""
+  chunks, lo, total = [], 0, 0
+  for i, count in enumerate(counts.tolist()):
+    if i > lo and total + count > chunk_references:
+      chunks.append((lo, i))
+      lo, total = i, 0
+    total += count
+  chunks.append((lo, len(counts)))
+  return chunks
+
+
+def _add_counts(keys: np.ndarray, counts: np.ndarray, new_keys: np.ndarray,
+                new_counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Merges sorted distinct keys with their counts into sorted distinct keys, counts summed."""
+  pos = np.searchsorted(keys, new_keys)
+  held = pos < len(keys)
+  held[held] = keys[pos[held]] == new_keys[held]
+  counts[pos[held]] += new_counts[held]
+  fresh = ~held  # np.insert keeps the order of equal positions: the merged keys stay sorted
+  return np.insert(keys, pos[fresh], new_keys[fresh]), np.insert(counts, pos[fresh], new_counts[fresh])
+
+
+def _concatenate_emptying(chunks: list[np.ndarray], dtype=None) -> np.ndarray:
+  """np.concatenate of a list of arrays that frees each chunk once copied: the list is emptied, so that
+  a result of hundreds of MiB does not sit in memory twice."""
+  out = np.empty(sum(map(len, chunks)), dtype or chunks[0].dtype)
+  at = 0
+  while chunks:
+    chunk = chunks.pop(0)
+    out[at:at + len(chunk)] = chunk
+    at += len(chunk)
+  return out
 
 
 def _lengths_of(sequences) -> np.ndarray:
