@@ -134,7 +134,8 @@ ABSENT_IN_OLDER_RUNS = {
     'data.shapes_object_scale': 1.0, 'model.decoder': 'seed', 'model.word_loss_weight': 0.0,
     'model.attention_dim': 256, 'model.attention_dropout': 0.5, 'model.attention_grid': 0,
     'model.attention_regularizer': 1.0, 'model.attention_cell_positions': False,
-    'model.attention_query_word': False, 'model.word_loss_pooling': 'mean', 'train.init_from': '',
+    'model.attention_query_word': False, 'model.attention_deep_output': False,
+    'model.attention_location': False, 'model.word_loss_pooling': 'mean', 'train.init_from': '',
     'train.objective': 'xent', 'train.scst_baseline': 'greedy', 'train.scst_reward_end': True,
     'train.scst_samples': 5, 'train.scst_temperature': 1.0,
 }

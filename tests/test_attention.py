@@ -315,3 +315,65 @@ def test_a_query_that_reads_the_word_steps_like_teacher_forcing_and_starts_where
   # The word read moves the attention: the same state, two different words, two different maps.
   other_word = tokens[:, :-1].at[:, 1].set((tokens[:, 1] + 1) % VOCAB)
   assert not np.allclose(alphas[:, 1], _apply(model, None, variables, annotations, other_word)[1][:, 1])
+
+
+def test_the_deep_output_reads_the_state_the_word_fed_and_the_gated_context():
+  """attention_deep_output: teacher forcing equals stepping, and the logits are the paper's
+  L_o tanh(L_h h + L_e E y_{t-1} + L_z beta z) computed by hand from the step's own state and context."""
+  model, variables, annotations, tokens = _setup(deep_output=True, cell_positions=True)
+  params = variables['params']
+  assert params['out_context']['kernel'].shape == (FEATURES + 2, EMBED)
+  inputs = tokens[:, :-1]
+  logits, alphas = _apply(model, None, variables, annotations, inputs)
+  step_logits, step_alphas = _step_through(model, variables, annotations, inputs)
+  np.testing.assert_allclose(logits, step_logits, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(alphas, step_alphas, rtol=1e-5, atol=1e-5)
+
+  # By hand at step 2, from the carry after two steps and the gate of that state.
+  prepared = _apply(model, 'prepare', variables, annotations)
+  carry = _apply(model, 'start', variables, annotations)
+  for t in range(2):
+    carry, _, _ = _apply(model, 'step_with_attention', variables, carry, inputs[:, t], prepared)
+  h_before = carry[1]
+  carry, _, alpha = _apply(model, 'step_with_attention', variables, carry, inputs[:, 2], prepared)
+  gate = jax.nn.sigmoid(h_before @ params['cell']['gate']['kernel'] + params['cell']['gate']['bias'])
+  context = gate * jnp.einsum('ng,ngd->nd', alpha, prepared.annotations)
+  word = params['embed']['embedding'][inputs[:, 2]]
+  deep = jnp.tanh(carry[1] @ params['out_hidden']['kernel'] + params['out_hidden']['bias']
+                  + word @ params['out_word']['kernel'] + context @ params['out_context']['kernel'])
+  by_hand = deep @ params['readout']['kernel'] + params['readout']['bias']
+  np.testing.assert_allclose(logits[:, 2], by_hand, rtol=1e-4, atol=1e-4)
+  # The context moves the logits directly: zero L_z and they change, with the states left as they were.
+  no_context = {**params, 'out_context': {'kernel': jnp.zeros_like(params['out_context']['kernel'])}}
+  assert not np.allclose(_apply(model, None, {'params': no_context}, annotations, inputs)[0], logits)
+
+
+def test_location_aware_attention_carries_the_previous_map_and_the_coverage():
+  """attention_location: teacher forcing equals stepping, the carry holds the last alpha and the sum of
+  all alphas so far, and with W_loc at zero the maps are the plain decoder's."""
+  model, variables, annotations, tokens = _setup(attention_location=True)
+  params = variables['params']
+  assert params['cell']['location']['kernel'].shape == (2, ATTENTION)
+  inputs = tokens[:, :-1]
+  logits, alphas = _apply(model, None, variables, annotations, inputs)
+  step_logits, step_alphas = _step_through(model, variables, annotations, inputs)
+  np.testing.assert_allclose(logits, step_logits, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(alphas, step_alphas, rtol=1e-5, atol=1e-5)
+
+  prepared = _apply(model, 'prepare', variables, annotations)
+  carry = _apply(model, 'start', variables, annotations)
+  assert len(carry) == 4 and not np.any(carry[2]) and not np.any(carry[3])
+  for t in range(3):
+    carry, _, _ = _apply(model, 'step_with_attention', variables, carry, inputs[:, t], prepared)
+  np.testing.assert_allclose(carry[2], alphas[:, 2], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(carry[3], alphas[:, :3].sum(axis=1), rtol=1e-5, atol=1e-5)
+
+  plain = _model()
+  zeroed = {**params, 'cell': {**params['cell'], 'location': {'kernel': jnp.zeros((2, ATTENTION))}}}
+  plain_params = {**params, 'cell': {k: v for k, v in params['cell'].items() if k != 'location'}}
+  np.testing.assert_allclose(_apply(model, None, {'params': zeroed}, annotations, inputs)[1],
+                             _apply(plain, None, {'params': plain_params}, annotations, inputs)[1],
+                             rtol=1e-6, atol=1e-6)
+  # Where it looked before moves where it looks next: the same words, maps unlike the plain decoder's.
+  plain_alphas = _apply(plain, None, {'params': plain_params}, annotations, inputs)[1]
+  assert not np.allclose(alphas[:, 2], plain_alphas[:, 2])

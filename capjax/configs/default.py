@@ -74,6 +74,12 @@ def get_config() -> ml_collections.ConfigDict:
   # The attention's query also reads the word just fed: after "a red" it can look for what is red before
   # naming its shape (Show, Attend and Tell's query is the state from before that word was read).
   model.attention_query_word = False
+  # Show, Attend and Tell's deep output: the readout also reads the word just fed and the attended context
+  # (with attention_cell_positions: where it looked), not only the LSTM's state.
+  model.attention_deep_output = False
+  # Location-aware attention: each cell's score also reads its weight at the previous word and its
+  # coverage so far, so attention can stay on an object while describing it and move on afterwards.
+  model.attention_location = False
   model.dtype = 'float32'  # 'bfloat16': bf16 compute, float32 params
   # Weight of the auxiliary word-presence loss: a head on the image vector (attention: the mean annotation)
   # predicts which words the image's captions use (capjax/models/captioner.py). 0: caption loss alone.

@@ -23,8 +23,9 @@ and where this module differs:
 - Sizes: `evaluate_coco.py`'s "soft attention on COCO" defaults are 512-d word embeddings, an 1800-unit
   LSTM, 10k words, dropout on, Adam, batch 64, regulariser weight 1. These come from the code; the paper
   text does not, as far as we know, state the embedding or LSTM sizes. Our defaults stay 256 like the seed.
-- Output: the paper's "deep output" is logits = L_o tanh(L_h h + E y_{t-1} + L_z z) (`prev2out`,
-  `ctx2out`); here logits = W_o h, as in the seed decoder. Not implemented.
+- Output: logits = W_o h by default, as in the seed decoder; `deep_output` is the paper's "deep output",
+  logits = L_o tanh(L_h h + L_e E y_{t-1} + L_z z) (its code's `prev2out`, `ctx2out`; the code's
+  version, with the tanh, on the gated context, dropout before L_o).
 - Initial state: the code puts one ReLU layer (with dropout) before the two tanh heads (`n_layers_init=2`)
   and its attention projection of the annotations is two layers (`n_layers_att=2`); both are one layer here.
 - Attention score bias: the code has one (`c_tt`); softmax over cells ignores a shared shift, so it could
@@ -89,15 +90,18 @@ class _AttentionStep(nn.Module):
 
   hidden_size: int
   attention_dim: int
+  location_features: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, carry: LSTMCarry, word_inputs, prepared: PreparedAnnotations):
+  def __call__(self, carry, word_inputs, prepared: PreparedAnnotations):
     """word_inputs: (embed_gates, word_query or None), the word just read's share of the gates and,
-    when the decoder's `attention_query_word`, of the attention query."""
+    when the decoder's `attention_query_word`, of the attention query. carry: (c, h), with
+    `location_features` (c, h, previous alpha (N, G), coverage (N, G))."""
     embed_gates, word_query = word_inputs
-    c, h = carry
-    alpha, context = self._attend(h, prepared, word_query)
+    c, h = carry[:2]
+    location = carry[2:] if self.location_features else None
+    alpha, context = self._attend(h, prepared, word_query, location)
     beta = nn.sigmoid(nn.Dense(1, dtype=self.dtype, name='gate')(h))
     # The embedding's share of the gates (and the bias) comes in precomputed: only what depends on
     # h_{t-1} is computed inside the recurrence.
@@ -109,11 +113,12 @@ class _AttentionStep(nn.Module):
     # Float32 cell state under bf16, as in the seed LSTM: it integrates over the whole caption.
     c = nn.sigmoid(f) * c + nn.sigmoid(i) * jnp.tanh(g)
     h = (nn.sigmoid(o) * jnp.tanh(c)).astype(self.dtype)
-    return (c, h), (h, alpha)
+    new_carry = (c, h, alpha, location[1] + alpha) if self.location_features else (c, h)
+    return new_carry, (h, alpha, beta * context)
 
-  def _attend(self, h, prepared: PreparedAnnotations, word_query=None):
-    """h (N, H) (and word_query (N, A) or None) -> alpha (N, G) float32, context (N, D) in the compute
-    dtype."""
+  def _attend(self, h, prepared: PreparedAnnotations, word_query=None, location=None):
+    """h (N, H) (and word_query (N, A) or None, location (previous alpha, coverage) (N, G) each or
+    None) -> alpha (N, G) float32, context (N, D) in the compute dtype."""
     images, grid, features = prepared.annotations.shape
     rows = h.shape[0]
     if rows % images:
@@ -122,7 +127,12 @@ class _AttentionStep(nn.Module):
     query = nn.Dense(self.attention_dim, use_bias=False, dtype=self.dtype, name='hidden_proj')(h)
     if word_query is not None:
       query = query + word_query
-    energy = jnp.tanh(prepared.projection[:, None] + query.reshape(images, per_image, 1, -1))
+    energy = prepared.projection[:, None] + query.reshape(images, per_image, 1, -1)
+    if location is not None:  # each cell's own (previous weight, coverage): a per-row term (N, G, A)
+      cell_history = jnp.stack(location, axis=-1).astype(self.dtype)
+      energy = energy + nn.Dense(self.attention_dim, use_bias=False, dtype=self.dtype,
+                                 name='location')(cell_history).reshape(images, per_image, grid, -1)
+    energy = jnp.tanh(energy)
     scores = nn.Dense(1, use_bias=False, dtype=self.dtype, name='score')(energy)[..., 0]
     alpha = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)  # (B, K, G)
     context = jnp.einsum('bkg,bgd->bkd', alpha.astype(self.dtype), prepared.annotations)
@@ -150,6 +160,16 @@ class AttentionDecoder(nn.Module):
   # decoder can look for what is red before naming its shape. Without it the query is h_{t-1} alone, the
   # state from before that word was read (Show, Attend and Tell).
   attention_query_word: bool = False
+  # Show, Attend and Tell's "deep output" (eq. 7; its code's prev2out and ctx2out):
+  # logits = W_o dropout(tanh(L_h h_t + L_e E y_{t-1} + L_z z_t)), z_t the gated context of this step.
+  # The word then reads what was looked at directly, not only through the LSTM's state; with
+  # `cell_positions`, where it was ("on the left" from the attended cell's x). Off: logits = W_o h_t.
+  deep_output: bool = False
+  # Location-aware attention (Chorowski et al. 2015; coverage as Tu et al. 2016): each cell's score also
+  # reads the weight it had at the previous word and its coverage, the weights summed over the words so
+  # far. A caption can then stay on what it is describing ("a red square on the left": the position
+  # word on the square) and move on to what it has not described yet ("and a blue circle").
+  attention_location: bool = False
   dtype: Any = jnp.float32
 
   def setup(self):
@@ -163,8 +183,13 @@ class AttentionDecoder(nn.Module):
                                 bias_init=forget_bias_init)
     if self.attention_query_word:
       self.word_query = nn.Dense(self.attention_dim, use_bias=False, dtype=self.dtype, name='word_query')
-    self.cell = _AttentionStep(self.hidden_size, self.attention_dim, self.dtype, name='cell')
+    self.cell = _AttentionStep(self.hidden_size, self.attention_dim, self.attention_location, self.dtype,
+                               name='cell')
     self.dropout = nn.Dropout(self.dropout_rate)
+    if self.deep_output:
+      self.out_hidden = nn.Dense(self.embed_dim, dtype=self.dtype, name='out_hidden')
+      self.out_word = nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype, name='out_word')
+      self.out_context = nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype, name='out_context')
     self.readout = nn.Dense(self.vocab_size, dtype=self.dtype, name='readout')
 
   def __call__(self, annotations, input_tokens, *, train: bool):
@@ -179,10 +204,18 @@ class AttentionDecoder(nn.Module):
         lambda cell, carry, word_inputs, prepared: cell(carry, word_inputs, prepared),
         variable_broadcast='params', split_rngs={'params': False, 'dropout': True},
         in_axes=(1, nn.broadcast), out_axes=1, unroll=self.lstm_unroll)
-    _, (hidden, alphas) = recurrence(self.cell, carry, self._word_inputs(input_tokens), prepared)
-    hidden = self.dropout(hidden, deterministic=not train)
+    _, (hidden, alphas, contexts) = recurrence(self.cell, carry, self._word_inputs(input_tokens), prepared)
     # One matmul for every position's vocabulary projection, after the recurrence.
-    return self.readout(hidden).astype(jnp.float32), alphas
+    return self._logits(hidden, input_tokens, contexts, train=train), alphas
+
+  def _logits(self, hidden, tokens, contexts, *, train: bool):
+    """The readout of states (..., H), with the deep output also of the tokens fed (...) and the gated
+    contexts (..., D) -> logits (..., vocab) float32."""
+    if self.deep_output:
+      hidden = jnp.tanh(self.out_hidden(hidden) + self.out_word(self.embed(tokens))
+                        + self.out_context(contexts))
+    hidden = self.dropout(hidden, deterministic=not train)
+    return self.readout(hidden).astype(jnp.float32)
 
   def _word_inputs(self, tokens):
     """What the recurrence needs of each token fed, computed for all positions at once (outside the
@@ -200,20 +233,24 @@ class AttentionDecoder(nn.Module):
       annotations = jnp.concatenate([annotations, positions], axis=-1)
     return PreparedAnnotations(annotations, self.annotation_proj(annotations))
 
-  def start(self, annotations) -> LSTMCarry:
-    """Initial (c float32, h compute dtype) from the mean annotation; the first token fed is <START>."""
+  def start(self, annotations):
+    """Initial (c float32, h compute dtype) from the mean annotation, with `attention_location` also
+    the previous alpha and the coverage, zero (N, G) float32; the first token fed is <START>."""
     mean = jnp.mean(annotations.astype(jnp.float32), axis=1)
     c = jnp.tanh(self.init_c(mean)).astype(jnp.float32)
     h = jnp.tanh(self.init_h(mean)).astype(self.dtype)
+    if self.attention_location:
+      nothing_yet = jnp.zeros(annotations.shape[:2], jnp.float32)
+      return c, h, nothing_yet, nothing_yet
     return c, h
 
-  def step_with_attention(self, carry: LSTMCarry, tokens, prepared: PreparedAnnotations):
+  def step_with_attention(self, carry, tokens, prepared: PreparedAnnotations):
     """One token per row (N = B * K rows, row r of image r // K) -> (carry, logits (N, vocab) float32,
     alpha (N, G) float32). No dropout: decoding is inference."""
-    carry, (hidden, alpha) = self.cell(carry, self._word_inputs(tokens), prepared)
-    return carry, self.readout(hidden).astype(jnp.float32), alpha
+    carry, (hidden, alpha, context) = self.cell(carry, self._word_inputs(tokens), prepared)
+    return carry, self._logits(hidden, tokens, context, train=False), alpha
 
-  def step(self, carry: LSTMCarry, tokens, prepared: PreparedAnnotations):
+  def step(self, carry, tokens, prepared: PreparedAnnotations):
     """The `capjax.decoding` step: (carry, tokens (N,)) -> (carry, logits (N, vocab) float32)."""
     carry, logits, _ = self.step_with_attention(carry, tokens, prepared)
     return carry, logits

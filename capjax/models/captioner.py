@@ -252,6 +252,8 @@ class AttentionCaptioner(nn.Module):
   attention_grid: int = 0  # 0: the trunk's own grid (7x7 at 224 px)
   cell_positions: bool = False  # annotations carry their cells' positions (attention.AttentionDecoder)
   attention_query_word: bool = False  # the attention query reads the word just fed (the same)
+  deep_output: bool = False  # the readout also reads the word fed and the context (the same)
+  attention_location: bool = False  # scores also read each cell's previous weight and coverage (the same)
   dropout_rate: float = 0.5
   regularizer: float = 1.0
   lstm_unroll: int = 1
@@ -268,7 +270,8 @@ class AttentionCaptioner(nn.Module):
     self.decoder = attention.AttentionDecoder(
         self.vocab_size, self.embed_dim, self.hidden_size, self.attention_dim, self.dropout_rate,
         lstm_unroll=self.lstm_unroll, cell_positions=self.cell_positions,
-        attention_query_word=self.attention_query_word, dtype=self.dtype, name='decoder')
+        attention_query_word=self.attention_query_word, deep_output=self.deep_output,
+        attention_location=self.attention_location, dtype=self.dtype, name='decoder')
     if self.word_loss_weight:
       self.word_head = nn.Dense(self.vocab_size, dtype=self.dtype, name='word_head')
 
@@ -354,10 +357,13 @@ def build_captioner(model_config, vocab_size: int,
     raise ValueError(f"config.model.word_loss_pooling: expected 'mean' or 'cells', got {word_loss_pooling!r}")
   cell_positions = model_config.get('attention_cell_positions', False)  # absent in older workdirs
   query_word = model_config.get('attention_query_word', False)  # absent in older workdirs
-  if decoder != 'attention' and (word_loss_pooling != 'mean' or cell_positions or query_word):
-    raise ValueError("config.model.word_loss_pooling='cells', attention_cell_positions and "
-                     "attention_query_word need config.model.decoder='attention' (the seed decoder reads "
-                     'one pooled vector)')
+  deep_output = model_config.get('attention_deep_output', False)  # absent in older workdirs
+  location = model_config.get('attention_location', False)  # absent in older workdirs
+  if decoder != 'attention' and (word_loss_pooling != 'mean' or cell_positions or query_word or deep_output
+                                 or location):
+    raise ValueError("config.model.word_loss_pooling='cells', attention_cell_positions, "
+                     'attention_query_word, attention_deep_output and attention_location need '
+                     "config.model.decoder='attention' (the seed decoder reads one pooled vector)")
   if decoder == 'attention':
     return AttentionCaptioner(
         vocab_size=vocab_size,
@@ -369,6 +375,8 @@ def build_captioner(model_config, vocab_size: int,
         attention_grid=model_config.attention_grid,
         cell_positions=cell_positions,
         attention_query_word=query_word,
+        deep_output=deep_output,
+        attention_location=location,
         dropout_rate=model_config.attention_dropout,
         regularizer=model_config.attention_regularizer,
         lstm_unroll=model_config.lstm_unroll,
