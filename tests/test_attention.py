@@ -66,6 +66,15 @@ def _step_through(model, variables, annotations, input_tokens):
   return jnp.stack(logits, axis=1), jnp.stack(alphas, axis=1)
 
 
+def _teacher_forced_as_stepped(model, variables, annotations, inputs):
+  """The teacher-forced (logits, alphas) of `inputs`, checked equal to feeding them one step at a time."""
+  logits, alphas = _apply(model, None, variables, annotations, inputs)
+  step_logits, step_alphas = _step_through(model, variables, annotations, inputs)
+  np.testing.assert_allclose(logits, step_logits, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(alphas, step_alphas, rtol=1e-5, atol=1e-5)
+  return logits, alphas
+
+
 def test_teacher_forcing_matches_step_by_step_decoding():
   model, variables, annotations, tokens = _setup()
   inputs = tokens[:, :-1]
@@ -292,20 +301,14 @@ def test_cell_positions_are_the_cell_centres_row_by_row_and_join_the_annotations
   np.testing.assert_allclose(prepared.annotations[..., :FEATURES], annotations)
   np.testing.assert_allclose(prepared.annotations[1, :, FEATURES:], attention.cell_positions(GRID))
   # Teacher forcing still equals stepping with the positions in.
-  logits, alphas = _apply(model, None, variables, annotations, tokens[:, :-1])
-  step_logits, step_alphas = _step_through(model, variables, annotations, tokens[:, :-1])
-  np.testing.assert_allclose(logits, step_logits, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(alphas, step_alphas, rtol=1e-5, atol=1e-5)
+  logits, alphas = _teacher_forced_as_stepped(model, variables, annotations, tokens[:, :-1])
 
 
 def test_a_query_that_reads_the_word_steps_like_teacher_forcing_and_starts_where_the_paper_does():
   """attention_query_word: teacher forcing equals stepping; with W_e at zero it is the paper's decoder."""
   model, variables, annotations, tokens = _setup(attention_query_word=True)
   assert variables['params']['word_query']['kernel'].shape == (EMBED, ATTENTION)
-  logits, alphas = _apply(model, None, variables, annotations, tokens[:, :-1])
-  step_logits, step_alphas = _step_through(model, variables, annotations, tokens[:, :-1])
-  np.testing.assert_allclose(logits, step_logits, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(alphas, step_alphas, rtol=1e-5, atol=1e-5)
+  logits, alphas = _teacher_forced_as_stepped(model, variables, annotations, tokens[:, :-1])
   plain = _model()
   plain_params = {k: v for k, v in variables['params'].items() if k != 'word_query'}
   zeroed = {**variables['params'], 'word_query': {'kernel': jnp.zeros((EMBED, ATTENTION))}}
@@ -324,10 +327,7 @@ def test_the_deep_output_reads_the_state_the_word_fed_and_the_gated_context():
   params = variables['params']
   assert params['out_context']['kernel'].shape == (FEATURES + 2, EMBED)
   inputs = tokens[:, :-1]
-  logits, alphas = _apply(model, None, variables, annotations, inputs)
-  step_logits, step_alphas = _step_through(model, variables, annotations, inputs)
-  np.testing.assert_allclose(logits, step_logits, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(alphas, step_alphas, rtol=1e-5, atol=1e-5)
+  logits, alphas = _teacher_forced_as_stepped(model, variables, annotations, inputs)
 
   # By hand at step 2, from the carry after two steps and the gate of that state.
   prepared = _apply(model, 'prepare', variables, annotations)
@@ -355,10 +355,7 @@ def test_location_aware_attention_carries_the_previous_map_and_the_coverage():
   params = variables['params']
   assert params['cell']['location']['kernel'].shape == (2, ATTENTION)
   inputs = tokens[:, :-1]
-  logits, alphas = _apply(model, None, variables, annotations, inputs)
-  step_logits, step_alphas = _step_through(model, variables, annotations, inputs)
-  np.testing.assert_allclose(logits, step_logits, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(alphas, step_alphas, rtol=1e-5, atol=1e-5)
+  logits, alphas = _teacher_forced_as_stepped(model, variables, annotations, inputs)
 
   prepared = _apply(model, 'prepare', variables, annotations)
   carry = _apply(model, 'start', variables, annotations)
@@ -371,9 +368,8 @@ def test_location_aware_attention_carries_the_previous_map_and_the_coverage():
   plain = _model()
   zeroed = {**params, 'cell': {**params['cell'], 'location': {'kernel': jnp.zeros((2, ATTENTION))}}}
   plain_params = {**params, 'cell': {k: v for k, v in params['cell'].items() if k != 'location'}}
-  np.testing.assert_allclose(_apply(model, None, {'params': zeroed}, annotations, inputs)[1],
-                             _apply(plain, None, {'params': plain_params}, annotations, inputs)[1],
+  plain_alphas = _apply(plain, None, {'params': plain_params}, annotations, inputs)[1]
+  np.testing.assert_allclose(_apply(model, None, {'params': zeroed}, annotations, inputs)[1], plain_alphas,
                              rtol=1e-6, atol=1e-6)
   # Where it looked before moves where it looks next: the same words, maps unlike the plain decoder's.
-  plain_alphas = _apply(plain, None, {'params': plain_params}, annotations, inputs)[1]
   assert not np.allclose(alphas[:, 2], plain_alphas[:, 2])
